@@ -1,0 +1,142 @@
+"""Notebook hygiene: what nbval cannot see (layout, execution order, house rules)."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+BIB_KEYS = set(re.findall(r"@\w+\{([^,\s]+),", (ROOT / "references.bib").read_text()))
+
+
+def toc_files(node) -> list[str]:
+    """Every 'file:' entry of the table of contents, recursively."""
+    found = []
+    if isinstance(node, dict):
+        if "file" in node:
+            found.append(node["file"])
+        for value in node.values():
+            found += toc_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += toc_files(item)
+    return found
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+
+
+def markdown(nb: dict) -> str:
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def glued_names(nb: dict) -> set[str]:
+    names = set()
+    for cell in code_cells(nb):
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                names.add(name)
+    return names
+
+
+ids = [p.name for p in NOTEBOOKS]
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no notebooks found in chapters/"
+
+
+def test_every_toc_entry_exists():
+    for entry in toc_files(TOC):
+        assert any((ROOT / (entry + ext)).exists() for ext in ("", ".md", ".ipynb")), entry
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_is_in_toc(path):
+    assert f"chapters/{path.stem}" in toc_files(TOC)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_executed_top_to_bottom_in_one_run(path):
+    counts = [c["execution_count"] for c in code_cells(load(path))]
+    assert counts == list(range(1, len(counts) + 1)), f"execution counts {counts}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_no_errors_or_stderr_stored(path):
+    for cell in code_cells(load(path)):
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", "".join(cell["source"])[:80]
+            assert out.get("name") != "stderr", "".join(out.get("text", ""))[:200]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_kernel_is_python3(path):
+    assert load(path)["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_first_code_cell_sets_up_the_session(path):
+    first = "".join(code_cells(load(path))[0]["source"])
+    assert "setup_notebook(" in first
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_house_rules_in_code(path):
+    for cell in code_cells(load(path)):
+        src = "".join(cell["source"])
+        assert not re.search(r"sys\.path\.(append|insert)", src), "install bnutils instead"
+        assert not re.search(r"urlretrieve|requests\.get|download=True|get_dataset\(", src)
+        assert "cuda" not in src.replace("# cuda", ""), "the book runs on CPU"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_chapter_structure(path):
+    """Learning goals, takeaways, >= 2 exercises with solutions, citations and glued prose."""
+    nb = load(path)
+    md = markdown(nb)
+    assert re.search(r"learning goals", md, re.I), "learning goals missing"
+    assert re.search(r"takeaways", md, re.I), "key takeaways missing"
+    exercises = re.findall(r"```\{exercise\}", md)
+    solutions = re.findall(r"```\{solution(-start)?\}", md)
+    assert len(exercises) >= 2, "fewer than 2 exercises"
+    assert len(solutions) >= len(exercises), "an exercise without a solution"
+    assert "{cite" in md, "no citations"
+    assert "{glue" in md, "prose uses no glued numbers"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_glue_references_resolve(path):
+    """Every {glue}`key` used in the prose was glued by the stored outputs of this notebook."""
+    nb = load(path)
+    used = set(re.findall(r"\{glue(?::\w+)?\}`([^`]+)`", markdown(nb)))
+    used = {u.split(":")[0] for u in used}  # {glue:text}`key:format` not used, but be safe
+    missing = used - glued_names(nb)
+    assert not missing, f"glue keys used in prose but never glued: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_citations_are_in_bibliography(path):
+    keys = set()
+    for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", markdown(load(path))):
+        keys |= {k.strip() for k in group.split(",")}
+    assert keys <= BIB_KEYS, f"not in references.bib: {sorted(keys - BIB_KEYS)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_no_timing_output_is_compared(path):
+    """Cells that print wall-clock times must be excluded from nbval's comparison."""
+    for cell in code_cells(load(path)):
+        src = "".join(cell["source"])
+        tags = cell.get("metadata", {}).get("tags", [])
+        if re.search(r"perf_counter|timeit|time\.time\(", src) and cell.get("outputs"):
+            assert "nbval-ignore-output" in tags or "nbval-skip" in tags, src[:80]

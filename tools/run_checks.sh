@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every check of the project, in order, with the time each phase takes.
+# Expects the pinned environment's bin/ first on PATH (make test does that).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+phase() {  # phase NAME COMMAND...: run, then print how long it took
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name"
+  "$@"
+  echo "=== $name: $((SECONDS - start)) s"
+}
+
+phase "ruff" ruff check bnutils tests tools benchmarks chapters
+# A first matplotlib import builds the font cache and says so on stderr; do it outside nbval.
+phase "warm matplotlib" python -c "import matplotlib.pyplot"
+phase "strict book build" jupyter-book build . --all -W -n --keep-going
+phase "pytest (unit, hygiene, nbval strict)" \
+  python -m pytest tests chapters --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg \
+  --nbval-current-env --nbval-cell-timeout=300
