@@ -4,8 +4,15 @@ Public names are re-exported here; the chapters import them from ``bnutils``.
 """
 from .book import glue
 from .data import binary_2d, digits, mnist1d, seed001_regression
-from .functional import (BNCache, batch_mean_var, batchnorm_backward, batchnorm_backward_fast,
-                         batchnorm_forward, batchnorm_inference, update_running_stats)
+from .functional import (
+                         BNCache,
+                         batch_mean_var,
+                         batchnorm_backward,
+                         batchnorm_backward_fast,
+                         batchnorm_forward,
+                         batchnorm_inference,
+                         update_running_stats,
+)
 from .gradcheck import numerical_gradient, rel_error
 from .plotting import BN_COLOR, NO_BN_COLOR, PALETTE, set_style
 from .session import setup_notebook

@@ -10,8 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import (check_array, check_channel_param, check_eps, check_momentum,
-                        check_training_batch, values_per_channel)
+from ._validate import (
+    check_array,
+    check_channel_param,
+    check_eps,
+    check_momentum,
+    check_training_batch,
+    values_per_channel,
+)
 
 
 @dataclass(frozen=True)

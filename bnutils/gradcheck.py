@@ -1,7 +1,7 @@
 """Numerical gradient checking: central differences and a scale-free relative error."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

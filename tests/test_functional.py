@@ -40,7 +40,7 @@ def test_staged_and_closed_form_backward_agree(case):
     fast = bn.batchnorm_backward_fast(dout, cache)
     # dx can be tiny by cancellation (N=2), so compare against the scale of its terms
     scale = np.abs(dout).max() * np.abs(cache.gamma * cache.inv_std).max()
-    for a, b in zip(staged, fast):
+    for a, b in zip(staged, fast, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * max(scale, 1.0))
 
