@@ -1,0 +1,359 @@
+"""bnutils.BatchNorm1d/2d and BatchNormFunction against torch.nn.BatchNorm1d/2d and gradcheck."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bnutils as bn
+from bnutils.layers import BatchNormFunction
+
+KINDS = {  # name -> (bnutils class, torch class, number of spatial dims)
+    "1d": (bn.BatchNorm1d, torch.nn.BatchNorm1d, 0),
+    "1d-seq": (bn.BatchNorm1d, torch.nn.BatchNorm1d, 1),
+    "2d": (bn.BatchNorm2d, torch.nn.BatchNorm2d, 2),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def assert_close(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * (1 + max |expected|): relative to the scale of the tensor."""
+    if expected is None:
+        assert actual is None, what
+        return
+    assert actual is not None, what
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = 1 + (expected.double().abs().max().item() if expected.numel() else 0.0)
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+@st.composite
+def configs(draw):
+    kind = draw(st.sampled_from(sorted(KINDS)))
+    n_spatial = KINDS[kind][2]
+    n = draw(st.integers(1, 6))
+    spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=n_spatial, max_size=n_spatial)))
+    if n * int(torch.tensor(spatial).prod()) < 2:  # training needs > 1 value per channel
+        n += 1
+    return {
+        "kind": kind,
+        "shape": (n, draw(st.integers(1, 5))) + spatial,
+        "affine": draw(st.booleans()),
+        "track": draw(st.booleans()),
+        "momentum": draw(st.one_of(st.none(), st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))),
+        "eps": draw(st.sampled_from([1e-5, 1e-3, 0.5])),
+        "steps": draw(st.integers(1, 3)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "loc": draw(st.floats(-20, 20)),
+        "scale": draw(st.floats(0.5, 5)),
+    }
+
+
+def make_pair(cfg, dtype):
+    """A torch module with random affine parameters and a bnutils module loaded from its state dict."""
+    ours_cls, torch_cls, _ = KINDS[cfg["kind"]]
+    kw = {"eps": cfg["eps"], "momentum": cfg["momentum"], "affine": cfg["affine"],
+          "track_running_stats": cfg["track"], "dtype": dtype}
+    c = cfg["shape"][1]
+    ref = torch_cls(c, **kw)
+    ours = ours_cls(c, **kw)
+    if cfg["affine"]:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 2).mul_(torch.randint(0, 2, (c,), dtype=dtype) * 2 - 1)
+            ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())  # torch -> bnutils
+    return ours, ref
+
+
+def run_step(ours, ref, x, g, tol, what):
+    """One forward + backward of both modules on the same x and upstream gradient g; compare all."""
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for m in (ours, ref):
+        m.zero_grad(set_to_none=True)
+    yo, yr = ours(xo), ref(xr)
+    assert_close(yo, yr, tol, f"{what} output")
+    yo.backward(g)
+    yr.backward(g)
+    assert_close(xo.grad, xr.grad, tol, f"{what} input gradient")
+    if ref.affine:
+        assert_close(ours.weight.grad, ref.weight.grad, tol, f"{what} weight gradient")
+        assert_close(ours.bias.grad, ref.bias.grad, tol, f"{what} bias gradient")
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(ours, name), getattr(ref, name), tol, f"{what} {name}")
+    if ref.num_batches_tracked is None:
+        assert ours.num_batches_tracked is None
+    else:
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+def check_config(cfg, dtype):
+    torch.manual_seed(cfg["seed"])
+    ours, ref = make_pair(cfg, dtype)
+    tol = TOL[dtype]
+    shape = cfg["shape"]
+    for step in range(cfg["steps"]):
+        x = cfg["loc"] + cfg["scale"] * torch.randn(shape, dtype=dtype)
+        run_step(ours, ref, x, torch.randn(shape, dtype=dtype), tol, f"train step {step}")
+    ours.eval()
+    ref.eval()
+    x = cfg["loc"] + cfg["scale"] * torch.randn(shape, dtype=dtype)
+    run_step(ours, ref, x, torch.randn(shape, dtype=dtype), tol, "eval")
+    # bnutils -> torch: a fresh torch module loaded from our state dict behaves identically.
+    fresh = KINDS[cfg["kind"]][1](shape[1], eps=cfg["eps"], momentum=cfg["momentum"], affine=cfg["affine"],
+                                  track_running_stats=cfg["track"], dtype=dtype).eval()
+    fresh.load_state_dict(ours.state_dict())
+    assert list(fresh.state_dict()) == list(ours.state_dict()) == list(ref.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with torch.no_grad():
+        assert_close(ours(x), fresh(x), tol, "eval after bnutils -> torch state dict")
+
+
+@given(configs())
+def test_matches_torch_float64(cfg):
+    check_config(cfg, torch.float64)
+
+
+@given(configs())
+def test_matches_torch_float32(cfg):
+    check_config(cfg, torch.float32)
+
+
+@pytest.mark.parametrize("cls, shape", [(bn.BatchNorm1d, (5, 3)), (bn.BatchNorm1d, (4, 3, 6)),
+                                        (bn.BatchNorm2d, (3, 2, 4, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_function(cls, shape, affine):
+    """The manual backward against finite differences (float64), with and without gamma/beta."""
+    gen = torch.Generator().manual_seed(1)
+    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = shape[1]
+    w = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    inputs = (x, w, b) if affine else (x,)
+
+    def f(x, w=None, b=None):
+        return BatchNormFunction.apply(x, w, b, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_function_returns_batch_statistics():
+    x = torch.randn(7, 3, 2, dtype=torch.float64)
+    out, mean, var = BatchNormFunction.apply(x, None, None, 1e-3)
+    torch.testing.assert_close(mean, x.mean((0, 2)))
+    torch.testing.assert_close(var, x.var((0, 2), unbiased=False))
+    assert not mean.requires_grad and not var.requires_grad
+
+
+def test_double_backward_raises():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    out = BatchNormFunction.apply(x, None, None, 1e-5)[0]
+    (gx,) = torch.autograd.grad((out**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+
+
+def test_float32_large_mean_stays_accurate():
+    """Corrected two-pass statistics: float32 data with mean/std = 1e5 matches the float64 result."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1e5 + torch.randn(2000, 4, generator=gen)).float()
+    g = torch.randn(2000, 4, generator=gen) + (x.double() - 1e5).float()  # correlated with xhat
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    x32, w32 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    out32, _, var32 = BatchNormFunction.apply(x32, w32, None, 1e-5)
+    out64, _, var64 = BatchNormFunction.apply(x64, w64, None, 1e-5)
+    (out32 * g).sum().backward()
+    (out64 * g.double()).sum().backward()
+    assert ((var32.double() - var64) / var64).abs().max() < 1e-5
+    assert (out32.double() - out64).abs().max() < 2e-5
+    assert (x32.grad.double() - x64.grad).abs().max() < 1e-5 * x64.grad.abs().max()
+    assert (w32.grad.double() - w64.grad).abs().max() < 1e-4 * w64.grad.abs().max()
+    # A one-pass E[x^2] - E[x]^2 in float32 would be useless here: it is dominated by rounding.
+    one_pass = (x * x).mean(0) - x.mean(0) ** 2
+    assert ((one_pass.double() - var64) / var64).abs().max() > 0.5
+
+
+def test_cumulative_moving_average():
+    """momentum=None: running_mean is the plain average of the batch means seen so far."""
+    layer = bn.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    means, variances = [], []
+    for k in range(4):
+        x = k + torch.randn(10, 3, dtype=torch.float64)
+        layer(x)
+        means.append(x.mean(0))
+        variances.append(x.var(0))  # unbiased
+    torch.testing.assert_close(layer.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(layer.running_var, torch.stack(variances).mean(0))
+    assert layer.num_batches_tracked.item() == 4
+
+
+def test_no_running_stats_uses_batch_statistics_in_eval():
+    layer = bn.BatchNorm2d(2, track_running_stats=False).eval()
+    assert layer.running_mean is None and layer.running_var is None and layer.num_batches_tracked is None
+    x = torch.randn(3, 2, 4, 4)
+    y = layer(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_track_running_stats_switched_off_after_construction():
+    """torch's behaviour: training leaves existing buffers alone; eval then uses them."""
+    ours, ref = bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for m in (ours, ref):
+        m.track_running_stats = False
+        m(torch.arange(12.0).reshape(4, 3))
+        assert m.num_batches_tracked.item() == 0 and torch.equal(m.running_mean, torch.zeros(3))
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_input(dtype):
+    """Half-precision input with float32 parameters, as torch allows: computed in float32."""
+    x = (2 + torch.randn(16, 3, 5)).to(dtype)
+    ours, ref = bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    yo, yr = ours(x), ref(x)
+    assert yo.dtype == dtype
+    torch.testing.assert_close(yo.float(), yr.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours.running_var, ref.running_var, atol=1e-3, rtol=1e-3)
+
+
+def test_empty_batch_like_torch():
+    ours, ref = bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    for m in (ours, ref):
+        assert m(torch.randn(0, 3)).shape == (0, 3)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+
+
+def test_drop_in_inside_a_trained_network():
+    """Swap torch's BN for ours in a small CNN: three SGD steps give the same parameters."""
+    def net(bn2d, bn1d):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), bn2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(4 * 6 * 6, 8), bn1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).double()
+
+    ours, ref = net(bn.BatchNorm2d, bn.BatchNorm1d), net(torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)
+    gen = torch.Generator().manual_seed(3)
+    for model in (ours, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        gen.manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(8, 1, 6, 6, generator=gen, dtype=torch.float64)
+            y = torch.randint(0, 2, (8,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None},
+                                {"eps": 1e-3, "momentum": 0.3, "bias": False}])
+def test_repr_parameters_and_buffers_match_torch(kw):
+    pairs = [(bn.BatchNorm1d, torch.nn.BatchNorm1d), (bn.BatchNorm2d, torch.nn.BatchNorm2d)]
+    for ours_cls, torch_cls in pairs:
+        ours, ref = ours_cls(5, **kw), torch_cls(5, **kw)
+        assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
+        assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+        assert [n for n, _ in ours.named_buffers()] == [n for n, _ in ref.named_buffers()]
+        for key, value in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value) and ours.state_dict()[key].dtype == value.dtype
+
+
+def test_reset_parameters_and_running_stats():
+    layer = bn.BatchNorm1d(3)
+    with torch.no_grad():
+        layer.weight.fill_(2)
+        layer.bias.fill_(1)
+    layer(torch.randn(4, 3))
+    layer.reset_running_stats()
+    assert torch.equal(layer.running_var, torch.ones(3)) and layer.num_batches_tracked.item() == 0
+    assert torch.equal(layer.weight, torch.full((3,), 2.0))
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(3)) and torch.equal(layer.bias, torch.zeros(3))
+
+
+def test_old_state_dict_without_num_batches_tracked_loads():
+    sd = torch.nn.BatchNorm1d(3).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    layer = bn.BatchNorm1d(3)
+    layer.load_state_dict(sd)
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_device_and_dtype_arguments():
+    layer = bn.BatchNorm2d(4, device="cpu", dtype=torch.float64)
+    assert layer.weight.dtype == layer.running_mean.dtype == torch.float64
+    assert layer.num_batches_tracked.dtype == torch.long
+
+
+# --- errors: the same messages as torch where torch has one -----------------------------------------
+
+
+def raised(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", [
+    (bn.BatchNorm1d, torch.nn.BatchNorm1d, (1, 3)), (bn.BatchNorm1d, torch.nn.BatchNorm1d, (1, 3, 1)),
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (1, 3, 1, 1))])
+def test_one_value_per_channel_same_error_as_torch(ours_cls, torch_cls, shape):
+    ours, ref = ours_cls(3), torch_cls(3)
+    e_ours, e_ref = raised(lambda: ours(torch.ones(shape))), raised(lambda: ref(torch.ones(shape)))
+    assert type(e_ours) is type(e_ref) is ValueError
+    assert str(e_ours) == str(e_ref)
+    assert "Expected more than 1 value per channel when training" in str(e_ours)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()  # torch counts it anyway
+    ours.eval()
+    assert ours(torch.ones(shape)).shape == shape  # a batch of one is fine in eval mode
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, shape", [
+    (bn.BatchNorm1d, torch.nn.BatchNorm1d, (2, 3, 4, 4)), (bn.BatchNorm1d, torch.nn.BatchNorm1d, (3,)),
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4)),
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4, 4, 4))])
+def test_input_dimension_same_error_as_torch(ours_cls, torch_cls, shape):
+    x = torch.ones(shape)
+    e_ours, e_ref = raised(lambda: ours_cls(3)(x)), raised(lambda: torch_cls(3)(x))
+    assert type(e_ours) is type(e_ref) is ValueError
+    assert str(e_ours) == str(e_ref)
+
+
+def test_other_input_errors():
+    layer = bn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match=r"expected input with 3 channels \(dim 1\)"):
+        layer(torch.randn(4, 5))
+    with pytest.raises(TypeError, match="floating dtype"):
+        layer(torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        BatchNormFunction.apply(torch.randn(4, 3), torch.ones(2), None, 1e-5)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        BatchNormFunction.apply(torch.randn(4, 3), None, None, 0.0)
+
+
+@pytest.mark.parametrize("kw, err, words", [
+    ({"eps": 0}, ValueError, "eps must be a finite number > 0"),
+    ({"eps": -1e-5}, ValueError, "eps must be a finite number > 0"),
+    ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]"),
+    ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
+    ({"momentum": "0.1"}, TypeError, "momentum must be a float"),
+])
+def test_constructor_errors(kw, err, words):
+    for cls in (bn.BatchNorm1d, bn.BatchNorm2d):
+        with pytest.raises(err, match=words):
+            cls(3, **kw)
+
+
+@pytest.mark.parametrize("num_features", [0, -2, 2.5, True])
+def test_bad_num_features(num_features):
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        bn.BatchNorm1d(num_features)
