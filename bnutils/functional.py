@@ -57,18 +57,19 @@ def channel_shape(ndim: int, c: int) -> tuple[int, ...]:
     return (1, c) + (1,) * (ndim - 2)
 
 
-def batch_mean_var(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance, shape (1, C, 1, ...), in x's dtype.
+def batch_mean_var(x: np.ndarray, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance, shape (1, C, 1, ...), in ``dtype`` (default x's).
 
     Two passes (mean first, then the mean of squared deviations) with float64 accumulation,
-    as torch's CPU kernel does. The one-pass formula E[x^2] - E[x]^2 cancels catastrophically
-    when |mean| >> std (chapter 2 shows it).
+    as torch's CPU kernel does for (N, C, H, W) input. The one-pass formula E[x^2] - E[x]^2
+    cancels catastrophically when |mean| >> std (chapter 2 shows it).
     """
     axes = reduction_axes(x.ndim)
-    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)
-    xc = x - mean
-    var = np.mean(xc * xc, axis=axes, keepdims=True)
-    return mean.astype(x.dtype), var.astype(x.dtype)
+    mean = x.mean(axis=axes, keepdims=True, dtype=np.float64)  # pass 1, float64 accumulator
+    xc = x - mean                                              # float64 deviations
+    var = np.mean(xc * xc, axis=axes, keepdims=True)           # pass 2: mean squared deviation
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
+    return mean.astype(dtype), var.astype(dtype)
 
 
 def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
@@ -86,8 +87,11 @@ def batchnorm_forward(x, gamma, beta, eps: float = 1e-5):
     check_training_batch(x.shape)
 
     shape = channel_shape(x.ndim, c)
-    mean, var = batch_mean_var(x)
-    xc = x - mean
+    mean64, var64 = batch_mean_var(x, dtype=np.float64)
+    # Centre with the float64 mean, then round: subtracting the mean rounded to float32 would
+    # shift the whole channel by that rounding error (up to 0.03 at |mean| = 1e6).
+    xc = (x - mean64).astype(x.dtype)
+    mean, var = mean64.astype(x.dtype), var64.astype(x.dtype)
     std = np.sqrt(var + x.dtype.type(eps))
     inv_std = 1 / std
     xhat = xc * inv_std

@@ -95,6 +95,21 @@ def test_float32_large_mean_normalizes_accurately(shape):
     assert np.all(np.abs(out64.mean(axis=cache.axes)) < 1e-2)
 
 
+@pytest.mark.parametrize("loc", [0.0, 1e4, 1e6])
+@pytest.mark.parametrize("shape", [(1000, 4), (16, 4, 8, 8)])
+def test_float32_output_matches_float64_computation_at_any_mean(loc, shape):
+    """The float32 output is the float64 result on the same numbers, rounded: no shift by the
+    rounding error of the mean (which would be up to 0.03 at mean 1e6), exact zero mean."""
+    rng = np.random.default_rng(1)
+    x = (loc + rng.standard_normal(shape)).astype(np.float32)
+    c = shape[1]
+    out, cache = bn.batchnorm_forward(x, np.ones(c, np.float32), np.zeros(c, np.float32))
+    ref, _ = bn.batchnorm_forward(x.astype(np.float64), np.ones(c), np.zeros(c))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+    assert np.all(np.abs(out.astype(np.float64).mean(axis=cache.axes)) < 1e-6)
+
+
 def test_one_pass_variance_really_fails_in_float32():
     """The failure the two-pass formula avoids: E[x^2] - E[x]^2 loses everything at mean 1e4."""
     rng = np.random.default_rng(0)
