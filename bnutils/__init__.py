@@ -4,6 +4,7 @@ Public names are re-exported here; the chapters import them from ``bnutils``.
 """
 from .book import glue
 from .data import binary_2d, digits, mnist1d, seed001_regression
+from .fold import fold_batchnorm
 from .functional import (
                          BNCache,
                          batch_mean_var,
@@ -23,5 +24,6 @@ __all__ = [
     "batch_mean_var", "batchnorm_backward", "batchnorm_backward_fast", "batchnorm_forward",
     "batchnorm_inference", "binary_2d", "digits", "glue", "mnist1d", "numerical_gradient",
     "rel_error", "seed001_regression", "set_style", "setup_notebook", "update_running_stats",
+    "fold_batchnorm",
 ]
 __version__ = "0.1.0"

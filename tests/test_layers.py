@@ -65,39 +65,73 @@ def make_pair(cfg, dtype):
     return ours, ref
 
 
-def run_step(ours, ref, x, g, tol, what):
-    """One forward + backward of both modules on the same x and upstream gradient g; compare all."""
-    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    for m in (ours, ref):
-        m.zero_grad(set_to_none=True)
-    yo, yr = ours(xo), ref(xr)
-    assert_close(yo, yr, tol, f"{what} output")
-    yo.backward(g)
-    yr.backward(g)
-    assert_close(xo.grad, xr.grad, tol, f"{what} input gradient")
-    if ref.affine:
-        assert_close(ours.weight.grad, ref.weight.grad, tol, f"{what} weight gradient")
-        assert_close(ours.bias.grad, ref.bias.grad, tol, f"{what} bias gradient")
-    for name in ("running_mean", "running_var"):
-        assert_close(getattr(ours, name), getattr(ref, name), tol, f"{what} {name}")
-    if ref.num_batches_tracked is None:
-        assert ours.num_batches_tracked is None
-    else:
-        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+def step_results(module, x, g):
+    """Forward x through module, backpropagate g; return every quantity to compare, by name."""
+    x = x.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    y.backward(g)
+    res = {"output": y.detach(), "input gradient": x.grad,
+           "running_mean": module.running_mean, "running_var": module.running_var}
+    if module.affine:
+        res["weight gradient"], res["bias gradient"] = module.weight.grad, module.bias.grad
+    nbt = module.num_batches_tracked
+    return res, None if nbt is None else nbt.item()
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run_step(ours, ref, truth, x, g, tol, what):
+    """One training or eval step of both modules on the same x and upstream gradient g; compare all.
+
+    Without ``truth`` (float64) ours must match torch to ``tol``. With ``truth`` (a float64 torch
+    module in the same state, for float32) ours must match torch loosely, or, where the problem is
+    ill-conditioned (say two nearly equal values per channel), be no further from the float64 truth
+    than torch's own float32 result is.
+    """
+    res_o, nbt_o = step_results(ours, x, g)
+    res_r, nbt_r = step_results(ref, x, g)
+    assert nbt_o == nbt_r, f"{what} num_batches_tracked"
+    res_t = step_results(truth, x.double(), g.double())[0] if truth is not None else None
+    assert res_o.keys() == res_r.keys()
+    for key, expected in res_r.items():
+        actual = res_o[key]
+        if expected is None or actual is None:
+            assert actual is None and expected is None, f"{what} {key}"
+            continue
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype, f"{what} {key}"
+        err, scale = max_err(actual, expected), 1 + expected.double().abs().max().item()
+        if err <= tol * scale:
+            continue
+        assert res_t is not None, f"{what} {key}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+        err_ours, err_torch = max_err(actual, res_t[key]), max_err(expected, res_t[key])
+        assert err_ours <= 2 * err_torch + tol * scale, (
+            f"{what} {key}: error vs float64 {err_ours:.3g}, torch float32's {err_torch:.3g}")
 
 
 def check_config(cfg, dtype):
-    torch.manual_seed(cfg["seed"])
+    torch.default_generator.manual_seed(cfg["seed"])  # (torch.manual_seed is slow: CUDA lazy init)
     ours, ref = make_pair(cfg, dtype)
+    truth = None
+    if dtype != torch.float64:
+        truth = KINDS[cfg["kind"]][1](cfg["shape"][1], eps=cfg["eps"], momentum=cfg["momentum"],
+                                      affine=cfg["affine"], track_running_stats=cfg["track"],
+                                      dtype=torch.float64)
+        truth.load_state_dict(ref.state_dict())
     tol = TOL[dtype]
     shape = cfg["shape"]
     for step in range(cfg["steps"]):
         x = cfg["loc"] + cfg["scale"] * torch.randn(shape, dtype=dtype)
-        run_step(ours, ref, x, torch.randn(shape, dtype=dtype), tol, f"train step {step}")
-    ours.eval()
-    ref.eval()
+        run_step(ours, ref, truth, x, torch.randn(shape, dtype=dtype), tol, f"train step {step}")
+        if truth is not None:  # keep the float64 truth in the float32 modules' state
+            truth.load_state_dict(ref.state_dict())
+    for m in (ours, ref, truth):
+        if m is not None:
+            m.eval()
     x = cfg["loc"] + cfg["scale"] * torch.randn(shape, dtype=dtype)
-    run_step(ours, ref, x, torch.randn(shape, dtype=dtype), tol, "eval")
+    run_step(ours, ref, truth, x, torch.randn(shape, dtype=dtype), tol, "eval")
     # bnutils -> torch: a fresh torch module loaded from our state dict behaves identically.
     fresh = KINDS[cfg["kind"]][1](shape[1], eps=cfg["eps"], momentum=cfg["momentum"], affine=cfg["affine"],
                                   track_running_stats=cfg["track"], dtype=dtype).eval()
