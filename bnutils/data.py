@@ -1,6 +1,9 @@
 """Data sets that are generated or ship with an installed package: nothing is downloaded."""
 from __future__ import annotations
 
+import functools
+import random
+
 import numpy as np
 
 
@@ -65,13 +68,31 @@ def digits(test_fraction: float = 0.25, seed: int = 0, standardize: bool = True,
 def mnist1d(seed: int = 42, num_samples: int = 5000):
     """MNIST-1D built locally (never downloaded): 40-sample 1-D signals of 10 digit classes.
 
-    Returns (X_train, y_train, X_test, y_test), X float32 (n, 40), y int64.
+    Returns (X_train, y_train, X_test, y_test), X float32 (n, 40), y int64 (80/20 split).
+    Building it takes a few seconds, so the arrays are cached in memory per (seed, num_samples);
+    every call returns fresh copies. The generator's reseeding of Python's and NumPy's global
+    RNGs is undone, so calling this does not change any other random draw.
     """
+    return tuple(a.copy() for a in _mnist1d_cached(int(seed), int(num_samples)))
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_cached(seed: int, num_samples: int):
     from mnist1d.data import get_dataset_args, make_dataset
 
+    if num_samples < 10:
+        raise ValueError(f"num_samples must be >= 10 (one per class), got {num_samples}")
     args = get_dataset_args()
     args.seed = seed
     args.num_samples = num_samples
-    data = make_dataset(args)
-    return (data["x"].astype(np.float32), data["y"].astype(np.int64),
-            data["x_test"].astype(np.float32), data["y_test"].astype(np.int64))
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)  # calls random.seed / np.random.seed(args.seed)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    arrays = (data["x"].astype(np.float32), data["y"].astype(np.int64),
+              data["x_test"].astype(np.float32), data["y_test"].astype(np.int64))
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays

@@ -1,0 +1,93 @@
+"""Santurkar et al. (2018)'s "noisy" batch norm: BN followed by time-varying, non-zero-mean,
+non-unit-variance noise, which *adds* distributional instability (internal covariate shift)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _NoisyBatchNorm:
+    """Mixin: draw the noise from the module's own ``torch.Generator`` and apply it after BN."""
+
+    def _init_noise(self, mean_range, std_range, shift_spread, scale_std, seed):
+        lo, hi = (float(v) for v in std_range)
+        if mean_range < 0 or shift_spread < 0 or scale_std < 0 or not 0 <= lo <= hi:
+            raise ValueError("expected mean_range >= 0, shift_spread >= 0, scale_std >= 0 and "
+                             f"0 <= std_range[0] <= std_range[1]; got mean_range={mean_range}, "
+                             f"std_range={std_range}, shift_spread={shift_spread}, scale_std={scale_std}")
+        self.mean_range, self.std_range = float(mean_range), (lo, hi)
+        self.shift_spread, self.scale_std = float(shift_spread), float(scale_std)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def draw_noise(self, shape, dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One draw for one layer and step: returns (scale, shift, mu, sigma), scale/shift of ``shape``.
+
+        mu ~ U(-mean_range, mean_range) and sigma ~ U(*std_range) once per call (per layer and
+        step); then per element shift ~ U(mu - shift_spread, mu + shift_spread) and
+        scale ~ N(sigma, scale_std**2) (``scale_std`` is a standard deviation).
+        """
+        g = self.generator
+        u_mu, u_sigma = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        mu = (2 * u_mu - 1) * self.mean_range
+        lo, hi = self.std_range
+        sigma = lo + (hi - lo) * u_sigma
+        shift = torch.empty(shape, dtype=dtype).uniform_(mu - self.shift_spread, mu + self.shift_spread,
+                                                         generator=g)
+        scale = torch.empty(shape, dtype=dtype).normal_(sigma, self.scale_std, generator=g)
+        return scale, shift, mu, sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.training:
+            return y
+        scale, shift, _, _ = self.draw_noise(y.shape, y.dtype)
+        return torch.addcmul(shift, y, scale)  # scale * y + shift
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", mean_range={self.mean_range}, std_range={self.std_range}, "
+                f"shift_spread={self.shift_spread}, scale_std={self.scale_std}, seed={self.seed}")
+
+
+_DOC = """{name}: ``torch.nn.{base}`` followed, in training mode only, by Santurkar et al.'s noise.
+
+What is implemented, exactly: ``z = BN(x)`` (batch statistics, running statistics updated, γ and β
+applied as in ``torch.nn.{base}``), then ``out = s * z + m`` where, for every call in training mode
+(one call per layer per training step),
+
+- ``mu ~ U(-mean_range, mean_range)`` and ``sigma ~ U(std_range[0], std_range[1])`` are two scalars
+  for the whole layer (defaults 0.5 and (1, 1.25));
+- ``m`` and ``s`` have the full shape of ``z`` {shape} (one value per example and element):
+  ``m ~ U(mu - shift_spread, mu + shift_spread)`` (default spread 0.1) and
+  ``s ~ N(sigma, scale_std**2)`` (default standard deviation 0.1), all independent.
+
+The noise is a constant for autograd (no gradient flows into it). It is drawn from the module's
+own ``self.generator`` (a ``torch.Generator`` seeded with ``seed``), so runs are reproducible and
+the global torch RNG is untouched. In eval mode the layer is exactly ``torch.nn.{base}`` (no noise).
+The defaults are the book's reading of Santurkar et al. (2018), "How does batch normalization help
+optimization?", NeurIPS, Sec. 2.1 ("noisy" BatchNorm: i.i.d. noise with a non-zero mean and a
+non-unit variance, redrawn at every training step, injected after each BN layer).
+"""
+
+
+class NoisyBatchNorm1d(_NoisyBatchNorm, nn.BatchNorm1d):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, mean_range: float = 0.5,
+                 std_range: tuple[float, float] = (1.0, 1.25), shift_spread: float = 0.1,
+                 scale_std: float = 0.1, seed: int = 0):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self._init_noise(mean_range, std_range, shift_spread, scale_std, seed)
+
+
+class NoisyBatchNorm2d(_NoisyBatchNorm, nn.BatchNorm2d):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, mean_range: float = 0.5,
+                 std_range: tuple[float, float] = (1.0, 1.25), shift_spread: float = 0.1,
+                 scale_std: float = 0.1, seed: int = 0):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self._init_noise(mean_range, std_range, shift_spread, scale_std, seed)
+
+
+NoisyBatchNorm1d.__doc__ = _DOC.format(name="NoisyBatchNorm1d", base="BatchNorm1d", shape="(N, C)")
+NoisyBatchNorm2d.__doc__ = _DOC.format(name="NoisyBatchNorm2d", base="BatchNorm2d", shape="(N, C, H, W)")

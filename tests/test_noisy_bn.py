@@ -1,0 +1,96 @@
+"""NoisyBatchNorm: BN plus Santurkar et al.'s noise, exactly as documented."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnutils as bn
+
+
+def twin_bn(noisy):
+    plain = nn.BatchNorm1d(noisy.num_features)
+    plain.load_state_dict(noisy.state_dict())
+    return plain
+
+
+def test_eval_mode_is_plain_batchnorm():
+    noisy = bn.NoisyBatchNorm1d(6, seed=1)
+    with torch.no_grad():
+        noisy.running_mean.uniform_(-1, 1)
+        noisy.running_var.uniform_(0.5, 2)
+        noisy.weight.uniform_(0.5, 2)
+    plain = twin_bn(noisy)
+    noisy.eval(), plain.eval()
+    x = torch.randn(5, 6)
+    state = noisy.generator.get_state()
+    assert torch.equal(noisy(x), plain(x))
+    assert torch.equal(noisy.generator.get_state(), state)  # no noise drawn
+
+
+def test_train_mode_is_scale_times_bn_plus_shift():
+    noisy, replay = bn.NoisyBatchNorm1d(6, seed=3), bn.NoisyBatchNorm1d(6, seed=3)
+    plain = twin_bn(noisy)
+    x = torch.randn(8, 6) * 3 + 1
+    global_state = torch.get_rng_state()
+    out = noisy(x)
+    assert torch.equal(torch.get_rng_state(), global_state)  # own generator only
+    scale, shift, mu, sigma = replay.draw_noise((8, 6))
+    torch.testing.assert_close(out, scale * plain(x) + shift)
+    torch.testing.assert_close(noisy.running_mean, plain.running_mean)
+    torch.testing.assert_close(noisy.running_var, plain.running_var)
+    assert not torch.equal(noisy(x), out)  # a new draw at the next step
+
+
+def test_gradient_sees_the_noise_as_a_constant():
+    noisy, replay = bn.NoisyBatchNorm1d(4, seed=5), bn.NoisyBatchNorm1d(4, seed=5)
+    noisy(torch.randn(10, 4)).sum().backward()
+    scale, _, _, _ = replay.draw_noise((10, 4))
+    # out = s * (gamma * xhat + beta) + m  =>  d sum(out) / d beta = sum over the batch of s
+    torch.testing.assert_close(noisy.bias.grad, scale.sum(0))
+
+
+def test_noise_statistics_match_the_definition():
+    layer = bn.NoisyBatchNorm1d(1, seed=0)
+    draws = [layer.draw_noise((2000,)) for _ in range(1500)]
+    mu = np.array([d[2] for d in draws])
+    sigma = np.array([d[3] for d in draws])
+    # per layer and step: mu ~ U(-0.5, 0.5), sigma ~ U(1, 1.25)
+    assert mu.min() >= -0.5 and mu.max() <= 0.5
+    assert sigma.min() >= 1.0 and sigma.max() <= 1.25
+    assert mu.mean() == pytest.approx(0.0, abs=0.03)        # sd of the mean: 0.29/sqrt(1500) = 0.0075
+    assert mu.std() == pytest.approx(1 / np.sqrt(12), rel=0.05)
+    assert sigma.mean() == pytest.approx(1.125, abs=0.01)
+    assert sigma.std() == pytest.approx(0.25 / np.sqrt(12), rel=0.05)
+    # per element: shift ~ U(mu - 0.1, mu + 0.1), scale ~ N(sigma, 0.1^2)
+    dev_shift = np.concatenate([d[1].numpy() - d[2] for d in draws[:200]])
+    dev_scale = np.concatenate([d[0].numpy() - d[3] for d in draws[:200]])
+    assert dev_shift.min() >= -0.1 - 1e-6 and dev_shift.max() <= 0.1 + 1e-6
+    assert dev_shift.mean() == pytest.approx(0.0, abs=1e-3)
+    assert dev_shift.std() == pytest.approx(0.2 / np.sqrt(12), rel=0.01)
+    assert dev_scale.mean() == pytest.approx(0.0, abs=1e-3)
+    assert dev_scale.std() == pytest.approx(0.1, rel=0.01)
+    # marginals over steps: E[shift] = 0, Var = 1/12 + 0.2^2/12; E[scale] = 1.125, Var = 0.25^2/12 + 0.01
+    shift_means = np.array([d[1].numpy().mean() for d in draws])
+    assert shift_means.mean() == pytest.approx(0.0, abs=0.03)
+
+
+def test_2d_noise_is_per_element():
+    layer = bn.NoisyBatchNorm2d(3, seed=0)
+    x = torch.randn(4, 3, 5, 5)
+    out = layer(x)
+    assert out.shape == x.shape
+    scale, shift, _, _ = bn.NoisyBatchNorm2d(3, seed=0).draw_noise(x.shape)
+    assert scale.shape == x.shape and len(torch.unique(shift)) == shift.numel()
+
+
+def test_seed_makes_it_reproducible():
+    x = torch.randn(6, 4)
+    assert torch.equal(bn.NoisyBatchNorm1d(4, seed=9)(x), bn.NoisyBatchNorm1d(4, seed=9)(x))
+    assert not torch.equal(bn.NoisyBatchNorm1d(4, seed=9)(x), bn.NoisyBatchNorm1d(4, seed=10)(x))
+
+
+@pytest.mark.parametrize("kwargs", [dict(mean_range=-0.1), dict(std_range=(1.3, 1.2)), dict(scale_std=-1.0),
+                                    dict(shift_spread=-0.5)])
+def test_bad_noise_parameters(kwargs):
+    with pytest.raises(ValueError, match="expected"):
+        bn.NoisyBatchNorm1d(3, **kwargs)
