@@ -4,6 +4,18 @@ Public names are re-exported here; the chapters import them from ``bnutils``.
 """
 from .book import glue
 from .data import binary_2d, digits, mnist1d, seed001_regression
+from .diagnostics import (
+                          SATURATION_THRESHOLD,
+                          activation_stats,
+                          capture_activations,
+                          dead_unit_fraction,
+                          gradient_norms,
+                          layer_grad_norms,
+                          saturation_fraction,
+                          unit_percentiles,
+                          update_ratios,
+                          weight_snapshot,
+)
 from .fold import fold_batchnorm
 from .functional import (
                          BNCache,
@@ -15,9 +27,15 @@ from .functional import (
                          update_running_stats,
 )
 from .gradcheck import numerical_gradient, rel_error
+from .landscape import ProbeResult, probe_gradient_direction
 from .layers import BatchNorm1d, BatchNorm2d, BatchNormFunction
+from .models import Net, init_weights, make_cnn, make_mlp
+from .noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d
 from .plotting import BN_COLOR, NO_BN_COLOR, PALETTE, set_style
+from .recorders import ActivationStats, GradNorms, LandscapeProbe, UpdateRatios
 from .session import setup_notebook
+from .state import preserved_state
+from .training import History, Recorder, train
 
 __all__ = [
     "BNCache", "BN_COLOR", "BatchNorm1d", "BatchNorm2d", "BatchNormFunction", "NO_BN_COLOR", "PALETTE",
@@ -25,5 +43,11 @@ __all__ = [
     "batchnorm_inference", "binary_2d", "digits", "glue", "mnist1d", "numerical_gradient",
     "rel_error", "seed001_regression", "set_style", "setup_notebook", "update_running_stats",
     "fold_batchnorm",
+    # experiment toolkit: models, training loop, diagnostics, landscape probes
+    "ActivationStats", "GradNorms", "History", "LandscapeProbe", "Net", "NoisyBatchNorm1d",
+    "NoisyBatchNorm2d", "ProbeResult", "Recorder", "SATURATION_THRESHOLD", "UpdateRatios",
+    "activation_stats", "capture_activations", "dead_unit_fraction", "gradient_norms", "init_weights",
+    "layer_grad_norms", "make_cnn", "make_mlp", "preserved_state", "probe_gradient_direction",
+    "saturation_fraction", "train", "unit_percentiles", "update_ratios", "weight_snapshot",
 ]
 __version__ = "0.1.0"
