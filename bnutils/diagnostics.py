@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .state import preserved_state
+from .training import loss_function
 
 SATURATION_THRESHOLD = 0.97
 """tanh is saturated where |tanh(z)| > 0.97; sigmoid where σ(z) < 0.03 or σ(z) > 0.97 (|σ - ½| > 0.47)."""
@@ -160,13 +161,16 @@ def layer_grad_norms(model: nn.Module, layers: Sequence[nn.Module] | None = None
     return np.array(norms)
 
 
-def gradient_norms(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *,
+def gradient_norms(model: nn.Module, loss_fn: str | Callable, x: torch.Tensor, y: torch.Tensor, *,
                    attr: str = "weight") -> np.ndarray:
     """Per-layer gradient norms of ``loss_fn(model(x), y)`` at the current parameters; (L,).
+
+    ``loss_fn``: a callable or a name accepted by :func:`bnutils.train` ("cross_entropy", "mse", "bce").
 
     For "at initialization" measurements: the model's mode is used as it is (training mode:
     BN with batch statistics) and everything, ``.grad`` included, is restored afterwards.
     """
+    loss_fn = loss_function(loss_fn)
     with preserved_state(model):
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .state import preserved_state
+from .training import loss_function
 
 
 @dataclass
@@ -59,7 +60,7 @@ def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
                       for p in params])
 
 
-def probe_gradient_direction(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+def probe_gradient_direction(model: nn.Module, loss_fn: str | Callable, x: torch.Tensor, y: torch.Tensor,
                              step_sizes: Sequence[float]) -> ProbeResult:
     """Probe the landscape along the negative gradient on the batch (x, y); see the module docstring.
 
@@ -69,12 +70,14 @@ def probe_gradient_direction(model: nn.Module, loss_fn: Callable, x: torch.Tenso
     RNG, NoisyBatchNorm's generators) as on entry, so random layers (dropout, noisy BN) draw the
     same noise at every point and the curve is a function of η alone. On exit everything is
     restored bit for bit, including the parameters' ``.grad``: training continues as if the probe
-    had never run. ``loss_fn(model(x), y)`` must return a scalar tensor. Non-finite losses are
+    had never run. ``loss_fn(model(x), y)`` must return a scalar tensor (or give a loss name of
+    :func:`bnutils.train`). Non-finite losses are
     returned as they are (the summaries are then nan/inf), never raised.
     """
     etas = np.asarray(step_sizes, dtype=np.float64)
     if etas.ndim != 1 or etas.size == 0 or not np.all(np.isfinite(etas)):
         raise ValueError(f"step_sizes must be a non-empty 1-D sequence of finite numbers, got {step_sizes!r}")
+    loss_fn = loss_function(loss_fn)
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters to probe")

@@ -141,7 +141,8 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(out.reshape(y.shape) if out.numel() == y.numel() else out, y)
 
 
-def _loss_function(loss) -> Callable:
+def loss_function(loss: str | Callable) -> Callable:
+    """The loss callable ``(output, target) -> scalar`` for a name in ``LOSSES`` (or ``loss`` itself)."""
     if callable(loss) and not isinstance(loss, str):
         return loss
     if loss == "cross_entropy":
@@ -242,7 +243,7 @@ def train(model: nn.Module, data, *, lr: float | Callable[[int], float] = 0.1, s
     lr0 = float(lr_fn(0)) if lr_fn else float(lr)
     if not (math.isfinite(lr0) and lr0 >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr0!r}")
-    loss_fn = _loss_function(loss)
+    loss_fn = loss_function(loss)
     opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr0, momentum,
                           weight_decay)
     ctx = TrainContext(X_tr, y_tr, X_te, y_te, loss_fn, opt, lr=lr0)
@@ -292,10 +293,11 @@ def train(model: nn.Module, data, *, lr: float | Callable[[int], float] = 0.1, s
         for s in range(steps):
             checkpoint(s, last=False)
             j = s % per_epoch
-            if j == 0:
+            if j == 0:  # shuffle once per epoch; the batches are then views (no per-step gather)
                 perm = torch.randperm(n, generator=gen)
-            idx = perm[j * batch_size:(j + 1) * batch_size]
-            xb, yb = X_tr[idx], y_tr[idx]
+                X_epoch, y_epoch = X_tr[perm], y_tr[perm]
+            xb = X_epoch[j * batch_size:(j + 1) * batch_size]
+            yb = y_epoch[j * batch_size:(j + 1) * batch_size]
             if lr_fn is not None:
                 ctx.lr = float(lr_fn(s))
                 for group in opt.param_groups:

@@ -5,6 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from strategies import bn_shapes
 from torch import nn
 
 import bnutils as bn
@@ -93,6 +97,21 @@ def test_dead_unit_fraction_on_a_constructed_net():
     assert np.isnan(bn.activation_stats(bn.make_mlp(2, 4, 1, 1, activation="tanh"), x)["dead_fraction"][0])
 
 
+@given(st.data())
+def test_saturation_dead_units_and_percentiles_match_numpy(data):
+    shape = data.draw(bn_shapes(min_values=1))
+    values = st.sampled_from([0.0, 0.01, 0.5, -0.5, 0.98, -0.99, 1.0])
+    a = data.draw(arrays(np.float32, shape, elements=values))
+    t = torch.from_numpy(a)
+    per_unit = np.moveaxis(a, 1, 0).reshape(shape[1], -1)  # (C, N * spatial)
+    assert bn.dead_unit_fraction(t) == pytest.approx(np.mean(np.all(per_unit == 0, axis=1)))
+    assert bn.saturation_fraction(t, "tanh") == pytest.approx(np.mean(np.abs(a) > 0.97))
+    assert bn.saturation_fraction(t, "sigmoid") == pytest.approx(np.mean((a < 0.03) | (a > 0.97)))
+    unit = data.draw(st.integers(0, shape[1] - 1))
+    np.testing.assert_allclose(bn.unit_percentiles(t, unit, (0, 15, 50, 85, 100)),
+                               np.percentile(per_unit[unit], [0, 15, 50, 85, 100]), rtol=1e-6)
+
+
 def test_dead_channels_in_a_cnn():
     post = torch.relu(torch.randn(6, 4, 3, 3))
     post[:, 1] = 0
@@ -122,6 +141,7 @@ def test_gradient_norms_restore_state_and_grads():
     nn.functional.cross_entropy(ref(X), y).backward()
     manual = [float(torch.linalg.norm(lay.weight.grad)) for lay in ref.weight_layers]
     np.testing.assert_allclose(norms, manual, rtol=1e-6)
+    np.testing.assert_array_equal(bn.gradient_norms(m, "cross_entropy", X, y), norms)
 
 
 def first_batch(data, batch_size, seed):
