@@ -14,6 +14,8 @@ whole channel they are in, as in torch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -73,7 +75,8 @@ class BatchNormFunction(torch.autograd.Function):
         _check_input(x)
         _check_param(weight, x.shape[1], "weight")
         _check_param(bias, x.shape[1], "bias")
-        check_eps(eps)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):  # (traceable by dynamo)
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
         dims = _reduce_dims(x.dim())
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         m = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -83,6 +86,7 @@ class BatchNormFunction(torch.autograd.Function):
             mean0 = corr = torch.zeros(x.shape[1], dtype=cdt, device=x.device)
             xc = xw - mean0.view(shape)
             var = torch.ones_like(mean0)
+            scratch = torch.empty_like(xc)
         else:
             # Corrected two-pass algorithm (Chan, Golub & LeVeque 1983). Pass 1: mean0. Pass 2:
             # deviations xc = x - mean0 (exact when |mean| >> std) and their sum, which corrects
@@ -90,13 +94,16 @@ class BatchNormFunction(torch.autograd.Function):
             mean0 = _per_channel_sum(xw, dims) / m
             xc = xw - mean0.view(shape)
             corr = _per_channel_sum(xc, dims) / m
-            var = (_per_channel_sum(xc * xc, dims) / m - corr * corr).clamp_(min=0)
+            # A fresh large tensor costs page faults on CPU (here about as much as the arithmetic),
+            # so the squares go to a scratch buffer that is then reused for the output.
+            scratch = torch.mul(xc, xc)
+            var = (_per_channel_sum(scratch, dims) / m - corr * corr).clamp_(min=0)
         mean = mean0 + corr
         inv_std = torch.rsqrt(var + eps)
         scale = inv_std if weight is None else weight.to(cdt) * inv_std
         # out = gamma * (xc - corr) * inv_std + beta = xc * scale + (beta - corr * scale)
         shift = -corr * scale if bias is None else bias.to(cdt) - corr * scale
-        out = torch.addcmul(shift.view(shape), xc, scale.view(shape))
+        out = torch.addcmul(shift.view(shape), xc, scale.view(shape), out=scratch)
         ctx.save_for_backward(xc, corr, inv_std, weight)
         ctx.m = m
         ctx.x_dtype = x.dtype
@@ -113,7 +120,8 @@ class BatchNormFunction(torch.autograd.Function):
         shape = (1, xc.shape[1]) + (1,) * (xc.dim() - 2)
         dout = dout.to(xc.dtype)
         sum_dout = _per_channel_sum(dout, dims)  # = dbeta
-        sum_dout_xhat = (_per_channel_sum(dout * xc, dims) - corr * sum_dout) * inv_std  # = dgamma
+        scratch = torch.mul(dout, xc)  # reused for dx below (fresh large tensors are costly on CPU)
+        sum_dout_xhat = (_per_channel_sum(scratch, dims) - corr * sum_dout) * inv_std  # = dgamma
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             g = inv_std if weight is None else weight.to(xc.dtype) * inv_std  # gamma * inv_std
@@ -122,7 +130,7 @@ class BatchNormFunction(torch.autograd.Function):
             a = g
             c = -g * inv_std * sum_dout_xhat / max(m, 1)
             b = -g * sum_dout / max(m, 1) - c * corr
-            dx = torch.addcmul(b.view(shape), dout, a.view(shape))
+            dx = torch.addcmul(b.view(shape), dout, a.view(shape), out=scratch)
             dx.addcmul_(xc, c.view(shape))
             dx = dx.to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[1]:
