@@ -94,8 +94,8 @@ class BatchNormFunction(torch.autograd.Function):
             mean0 = _per_channel_sum(xw, dims) / m
             xc = xw - mean0.view(shape)
             corr = _per_channel_sum(xc, dims) / m
-            # A fresh large tensor costs page faults on CPU (here about as much as the arithmetic),
-            # so the squares go to a scratch buffer that is then reused for the output.
+            # The squares go to a scratch buffer that is then reused for the output: one fresh
+            # x-sized tensor fewer (memory, and page faults when the allocator returns memory to the OS).
             scratch = torch.mul(xc, xc)
             var = (_per_channel_sum(scratch, dims) / m - corr * corr).clamp_(min=0)
         mean = mean0 + corr
@@ -120,7 +120,7 @@ class BatchNormFunction(torch.autograd.Function):
         shape = (1, xc.shape[1]) + (1,) * (xc.dim() - 2)
         dout = dout.to(xc.dtype)
         sum_dout = _per_channel_sum(dout, dims)  # = dbeta
-        scratch = torch.mul(dout, xc)  # reused for dx below (fresh large tensors are costly on CPU)
+        scratch = torch.mul(dout, xc)  # reused for dx below: one fresh x-sized tensor fewer
         sum_dout_xhat = (_per_channel_sum(scratch, dims) - corr * sum_dout) * inv_std  # = dgamma
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
