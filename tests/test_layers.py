@@ -15,6 +15,15 @@ KINDS = {  # name -> (bnutils class, torch class, number of spatial dims)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: extra OpenMP threads only add overhead (a lot on a loaded machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def assert_close(actual, expected, tol, what=""):
     """max |actual - expected| <= tol * (1 + max |expected|): relative to the scale of the tensor."""
     if expected is None:
@@ -391,3 +400,35 @@ def test_constructor_errors(kw, err, words):
 def test_bad_num_features(num_features):
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         bn.BatchNorm1d(num_features)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: x.contiguous(memory_format=torch.channels_last),
+    lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),  # non-contiguous strides
+])
+def test_memory_layouts(make):
+    """channels_last and strided inputs give the same values and gradients as contiguous ones."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64)
+    ours, ref = bn.BatchNorm2d(3, dtype=torch.float64), torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    xo, xr = make(x).requires_grad_(), x.clone().requires_grad_()
+    (gx_o,), (gx_r,) = torch.autograd.grad(ours(xo), xo, make(g)), torch.autograd.grad(ref(xr), xr, g)
+    torch.testing.assert_close(gx_o, gx_r)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_training_under_no_grad_updates_running_stats():
+    ours, ref = bn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+
+
+def test_frozen_affine_parameters_get_no_gradient():
+    layer = bn.BatchNorm1d(3)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(8, 3, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None and x.grad is not None
