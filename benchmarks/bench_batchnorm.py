@@ -122,6 +122,10 @@ def cliffs_table(repeats):
     xg = x.clone().requires_grad_()
     w, b = torch.ones(1024, requires_grad=True), torch.zeros(1024, requires_grad=True)
     fwd = F.batch_norm(xg, None, None, w, b, training=True)
+    x4g = x4.clone().requires_grad_()
+    w4, b4 = torch.ones(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+    fwd4 = F.batch_norm(x4g, None, None, w4, b4, training=True)
+    g4 = torch.randn(x4.shape, generator=gen)
     ops = {
         "out.copy_(x)  [reference: read 16 MiB + write 16 MiB]": lambda: out.copy_(x),
         "x * y  (fresh output tensor)": lambda: x * y,
@@ -139,6 +143,10 @@ def cliffs_table(repeats):
         "torch.var_mean(x4, (0, 2, 3))": lambda: torch.var_mean(x4, (0, 2, 3)),
         "F.batch_norm forward only (training)": lambda: F.batch_norm(x, None, None, training=True),
         "F.batch_norm backward only": lambda: torch.autograd.grad(fwd, (xg, w, b), y, retain_graph=True),
+        "F.batch_norm forward only (training)  [(64, 64, 32, 32)]":
+            lambda: F.batch_norm(x4, None, None, training=True),
+        "F.batch_norm backward only  [(64, 64, 32, 32)]":
+            lambda: torch.autograd.grad(fwd4, (x4g, w4, b4), g4, retain_graph=True),
     }
     timings = bench.time_interleaved(ops, repeats=repeats, warmup=2)
     ref = timings["out.copy_(x)  [reference: read 16 MiB + write 16 MiB]"]
