@@ -239,7 +239,10 @@ class _BatchNorm(nn.Module):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)  # before the batch-size check, exactly as torch
             if self.momentum is None:  # cumulative moving average over all batches so far
-                factor = 1.0 / float(self.num_batches_tracked)
+                if torch.compiler.is_compiling():  # a tensor: float(tensor) would break the graph
+                    factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+                else:
+                    factor = 1.0 / float(self.num_batches_tracked)
             else:
                 factor = self.momentum
         # Batch statistics in training, and in eval when there are no running buffers.
@@ -252,9 +255,8 @@ class _BatchNorm(nn.Module):
                 m = x.numel() // x.shape[1]
                 with torch.no_grad():
                     unbiased = var * (m / (m - 1))
-                    self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-                    self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype),
-                                                           alpha=factor)
+                    self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
+                    self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
             return out
         return self._inference(x)
 

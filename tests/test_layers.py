@@ -432,3 +432,25 @@ def test_frozen_affine_parameters_get_no_gradient():
     x = torch.randn(8, 3, requires_grad=True)
     layer(x).pow(2).sum().backward()
     assert layer.weight.grad is None and layer.bias.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_traces_under_torch_compile_without_graph_breaks(momentum):
+    """dynamo traces the module and the custom Function (manual backward included) in one graph.
+
+    The aot_eager backend runs the traced graphs without generating C++, which keeps this fast;
+    the benchmark exercises the default inductor backend.
+    """
+    torch._dynamo.reset()
+    ours, ref = bn.BatchNorm2d(3, momentum=momentum), bn.BatchNorm2d(3, momentum=momentum)
+    explained = torch._dynamo.explain(bn.BatchNorm2d(3, momentum=momentum))(torch.randn(4, 3, 2, 2))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(ours, backend="aot_eager")
+    for _ in range(2):
+        x = 1 + 2 * torch.randn(4, 3, 5, 5)
+        xc, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (gc,) = torch.autograd.grad(compiled(xc).pow(2).sum(), xc)
+        (gr,) = torch.autograd.grad(ref(xr).pow(2).sum(), xr)
+        torch.testing.assert_close(gc, gr)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == 2
