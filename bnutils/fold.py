@@ -25,15 +25,15 @@ def fold_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
     ``layer``: ``nn.Linear`` (followed by a BatchNorm1d on its (N, out_features) output) or
     ``nn.Conv1d/2d/3d`` (followed by BatchNorm1d/2d/3d), with or without bias, any stride, padding,
-    dilation and groups. ``bn``: torch's or bnutils' BatchNorm1d/2d (torch's BatchNorm3d too), in
-    eval mode, with running statistics. The arithmetic is done in float64 and cast back to the
+    dilation and groups. ``bn``: torch's or bnutils' BatchNorm1d/2d (torch's BatchNorm3d too) or a subclass,
+    in eval mode, with running statistics. The arithmetic is done in float64 and cast back to the
     layer's dtype. The returned layer always has a bias and has the same training flag as ``layer``.
     """
-    bn_dim = next((d for cls, d in _BN_DIM.items() if type(bn) is cls), None)
+    bn_dim = next((d for cls, d in _BN_DIM.items() if isinstance(bn, cls)), None)
     if bn_dim is None:
         raise TypeError(f"bn must be a torch.nn.BatchNorm1d/2d/3d or bnutils.BatchNorm1d/2d, "
                         f"got {type(bn).__name__}")
-    layer_dim = next((d for cls, d in _LAYER_BN_DIM.items() if type(layer) is cls), None)
+    layer_dim = next((d for cls, d in _LAYER_BN_DIM.items() if isinstance(layer, cls)), None)
     if layer_dim is None:
         raise TypeError(f"layer must be a torch.nn.Linear, Conv1d, Conv2d or Conv3d, "
                         f"got {type(layer).__name__} (transposed convolutions are not supported)")
