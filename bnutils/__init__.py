@@ -31,6 +31,15 @@ from .landscape import ProbeResult, probe_gradient_direction
 from .layers import BatchNorm1d, BatchNorm2d, BatchNormFunction
 from .models import Net, init_weights, make_cnn, make_mlp
 from .noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d
+from .norms import (
+                    BatchRenorm,
+                    GhostBatchNorm,
+                    GroupNorm,
+                    InstanceNorm1d,
+                    InstanceNorm2d,
+                    LayerNorm,
+                    RMSNorm,
+)
 from .plotting import BN_COLOR, NO_BN_COLOR, PALETTE, set_style
 from .recorders import ActivationStats, GradNorms, LandscapeProbe, UpdateRatios
 from .session import setup_notebook
@@ -49,5 +58,7 @@ __all__ = [
     "activation_stats", "capture_activations", "dead_unit_fraction", "gradient_norms", "init_weights",
     "layer_grad_norms", "make_cnn", "make_mlp", "preserved_state", "probe_gradient_direction",
     "saturation_fraction", "train", "unit_percentiles", "update_ratios", "weight_snapshot",
+    # alternatives to batch norm (chapter 16)
+    "BatchRenorm", "GhostBatchNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm", "RMSNorm",
 ]
 __version__ = "0.1.0"
