@@ -44,6 +44,7 @@ from .plotting import BN_COLOR, NO_BN_COLOR, PALETTE, set_style
 from .recorders import ActivationStats, GradNorms, LandscapeProbe, UpdateRatios
 from .session import setup_notebook
 from .state import preserved_state
+from .sync_bn import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm, run_distributed
 from .training import History, Recorder, train
 
 __all__ = [
@@ -60,5 +61,7 @@ __all__ = [
     "saturation_fraction", "train", "unit_percentiles", "update_ratios", "weight_snapshot",
     # alternatives to batch norm (chapter 16)
     "BatchRenorm", "GhostBatchNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm", "RMSNorm",
+    # synchronized batch norm across CPU processes (chapter 15)
+    "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "run_distributed",
 ]
 __version__ = "0.1.0"

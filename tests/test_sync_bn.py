@@ -1,0 +1,150 @@
+"""SyncBatchNorm on CPU: 2 gloo processes (127.0.0.1) vs one process on the concatenated batch."""
+import pytest
+import torch
+from torch import nn
+
+import bnutils
+from bnutils.sync_bn import SyncBatchNorm, convert_sync_batchnorm, run_distributed
+
+torch.set_num_threads(1)
+SIZES = (3, 5)  # unequal local batch sizes
+W = len(SIZES)
+
+
+def make_model(bn: str = "torch") -> nn.Module:
+    torch.manual_seed(0)
+    bn2 = nn.BatchNorm2d if bn == "torch" else bnutils.BatchNorm2d
+    bn1 = nn.BatchNorm1d if bn == "torch" else bnutils.BatchNorm1d
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), bn2(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(48, 4), bn1(4, momentum=0.3))
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in model:
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, bnutils.BatchNorm1d, bnutils.BatchNorm2d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.double()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    n = sum(SIZES)
+    x = torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64) * 2 + 3
+    gw = torch.randn(n, 4, generator=g, dtype=torch.float64)  # loss = sum(out * gw)
+    return x, gw
+
+
+def step(model, x, gw):
+    """Two training forward passes (running stats updated twice); grads of the first; eval output."""
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * gw).sum().backward()
+    model(x.detach() * 0.5 + 1)
+    model.eval()
+    ev = model(x.detach())
+    bns = [m for m in model.modules() if hasattr(m, "running_mean")]
+    return {"out": out.detach(), "xgrad": x.grad,
+            "grads": [p.grad.clone() for p in model.parameters()],
+            "running": [(m.running_mean.clone(), m.running_var.clone()) for m in bns], "eval": ev.detach()}
+
+
+def _worker(rank, world_size, sync):
+    x, gw = data()
+    lo = sum(SIZES[:rank])
+    sl = slice(lo, lo + SIZES[rank])
+    model = make_model("bnutils")
+    if sync:
+        model = convert_sync_batchnorm(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    res = step(ddp, x[sl], gw[sl])
+    res["grads"] = [p.grad.clone() for p in model.parameters()]
+    return res
+
+
+def reference():
+    x, gw = data()
+    return step(make_model("torch"), x, gw)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {sync: run_distributed(_worker, W, sync, timeout=90) for sync in (True, False)}
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.timeout(200)
+def test_sync_matches_single_process_on_concatenated_batch(runs):
+    ref = reference()
+    res = runs[True]
+    assert close(torch.cat([r["out"] for r in res]), ref["out"])
+    assert close(torch.cat([r["eval"] for r in res]), ref["eval"])
+    assert close(torch.cat([r["xgrad"] for r in res]), ref["xgrad"])
+    for r in res:  # DDP averages the parameter gradients over the W processes
+        for g, gref in zip(r["grads"], ref["grads"], strict=True):
+            assert close(g * W, gref)
+        for (m, v), (mref, vref) in zip(r["running"], ref["running"], strict=True):
+            assert close(m, mref) and close(v, vref)
+
+
+@pytest.mark.timeout(200)
+def test_per_process_bn_differs(runs):
+    ref = reference()
+    res = runs[False]
+    out = torch.cat([r["out"] for r in res])
+    assert (out - ref["out"]).abs().max() > 1e-3
+    assert (torch.cat([r["xgrad"] for r in res]) - ref["xgrad"]).abs().max() > 1e-3
+    # DDP broadcasts rank 0's buffers before each forward: both ranks hold rank 0's local statistics
+    assert (res[0]["running"][0][1] - ref["running"][0][1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 3, 7), (4, 3, 2, 5)])
+def test_single_process_is_plain_batch_norm(shape):
+    torch.manual_seed(2)
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 5).requires_grad_()
+    ref_bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(3, momentum=None).double()
+    with torch.no_grad():
+        ref_bn.weight.uniform_(0.5, 1.5)
+        ref_bn.bias.uniform_(-1, 1)
+    bn = convert_sync_batchnorm(ref_bn.__class__(3, momentum=None).double())
+    bn.load_state_dict(ref_bn.state_dict())
+    assert isinstance(bn, SyncBatchNorm)
+    gw = torch.randn(shape, dtype=torch.float64)
+    outs, grads = [], []
+    for m in (bn, ref_bn):
+        x.grad = None
+        for _ in range(2):
+            out = m(x)
+        (out * gw).sum().backward()
+        outs.append(out)
+        grads.append([x.grad.clone(), m.weight.grad, m.bias.grad])
+    assert close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        assert close(a, b)
+    assert close(bn.running_mean, ref_bn.running_mean) and close(bn.running_var, ref_bn.running_var)
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_convert_nested_and_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(bnutils.BatchNorm1d(4), nn.ReLU()))
+    model = convert_sync_batchnorm(model)
+    assert isinstance(model[1][0], SyncBatchNorm)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        convert_sync_batchnorm("not a module")
+    with pytest.raises(ValueError, match="more than 1 value"):
+        SyncBatchNorm(4)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="channels"):
+        SyncBatchNorm(4)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="world_size"):
+        run_distributed(_worker, 0, True)
+
+
+def _fails(rank, world_size):
+    raise KeyError(f"boom on rank {rank}")
+
+
+@pytest.mark.timeout(60)
+def test_launcher_reports_child_errors():
+    with pytest.raises(RuntimeError, match="boom on rank"):
+        run_distributed(_fails, 2, timeout=30)
