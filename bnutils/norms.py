@@ -236,9 +236,7 @@ class _BatchStatNorm(nn.Module):
     @staticmethod
     def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-channel batch mean and biased variance, both (C,)."""
-        dims = (0,) + tuple(range(2, x.dim()))
-        mean = x.mean(dims)
-        var = (x - _channel_view(mean, x.dim())).square().mean(dims)
+        var, mean = torch.var_mean(x, (0,) + tuple(range(2, x.dim())), correction=0)
         return mean, var
 
 
