@@ -258,6 +258,10 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 120.0
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     ctx = mp.get_context(start_method)
+    if start_method == "fork":
+        # DistributedDataParallel imports torch._dynamo lazily (seconds): import it once here so that
+        # the forked children inherit it instead of each importing it again.
+        import torch._dynamo  # noqa: F401
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bnutils_dist_") as outdir:
         procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, outdir, threads, args),
