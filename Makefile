@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book test execute lint clean
+.PHONY: setup book test execute lint browser serve clean
 .DEFAULT_GOAL := book
 
 $(STAMP): requirements.txt pyproject.toml
@@ -26,8 +26,15 @@ test: $(STAMP)                    ## every check: lint, strict book build, unit 
 execute: $(STAMP)                 ## re-execute every chapter in place (refresh stored outputs)
 	$(BIN)/python tools/execute_notebooks.py $(NB)
 
+browser: $(STAMP)                 ## every page in headless Chromium (builds the HTML if stale); PNGs in screenshots/
+	$(BIN)/python -m pytest -q tests/test_browser.py
+	@echo "Screenshots: $(CURDIR)/screenshots/"
+
+serve:                            ## serve _build/html on http://127.0.0.1:8000 (Ctrl-C stops it)
+	$(BIN)/python -m http.server --bind 127.0.0.1 --directory _build/html 8000
+
 lint: $(STAMP)
 	$(BIN)/ruff check bnutils tests tools benchmarks chapters
 
 clean:
-	rm -rf _build
+	rm -rf _build screenshots

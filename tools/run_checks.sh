@@ -16,6 +16,7 @@ phase "ruff" ruff check bnutils tests tools benchmarks chapters
 # A first matplotlib import builds the font cache and says so on stderr; do it outside nbval.
 phase "warm matplotlib" python -c "import matplotlib.pyplot"
 phase "strict book build" jupyter-book build . --all -W -n --keep-going
-phase "pytest (unit, hygiene, nbval strict)" \
+# tests/test_browser.py opens every page of the build above in headless Chromium (screenshots/).
+phase "pytest (unit, hygiene, site and browser, nbval strict)" \
   python -m pytest tests chapters --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg \
   --nbval-current-env --nbval-cell-timeout=300

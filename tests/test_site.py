@@ -1,0 +1,141 @@
+"""Site hygiene that needs no browser: one repository setting, a complete API page, a local MathJax,
+the appendices in the table of contents, the publishing workflow. tests/test_browser.py checks the
+built pages themselves."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bnutils
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+REPO = CONFIG["repository"]["url"]
+BRANCH = CONFIG["repository"].get("branch", "main")
+NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
+API = (ROOT / "api.md").read_text()
+PIP_GIT = re.compile(r"%pip install[^\n]*git\+([^\s\"'#]+)")
+
+
+def installs_from(source: str) -> list[str]:
+    """The repositories (no @ref, no .git) that the %pip install ... git+URL lines in ``source`` use."""
+    urls = []
+    for url in PIP_GIT.findall(source):
+        scheme, rest = url.split("://", 1)
+        urls.append(f"{scheme}://{rest.split('@', 1)[0]}".removesuffix(".git"))
+    return urls
+
+
+def test_repository_setting_is_one_github_repository():
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", REPO), REPO
+    launch = CONFIG["launch_buttons"]
+    assert launch.get("colab_url") and launch.get("binderhub_url"), "Colab and Binder buttons"
+    assert CONFIG["html"].get("use_repository_button") and CONFIG["html"].get("use_download_button")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_first_cell_installs_bnutils_from_the_books_repository(path):
+    """Outside a checkout (Colab, Binder, a downloaded notebook) the first cell installs bnutils from
+    the same repository that _config.yml's repository.url names and the launch buttons open."""
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if c["cell_type"] == "code" and "".join(c["source"]).strip()]
+    first = "".join(cells[0]["source"])
+    assert re.search(r"try:\s*\n\s*import bnutils\s*\n\s*except ImportError:", first), \
+        "first cell: try: import bnutils / except ImportError: %pip install ... (CONTRIBUTING.md)"
+    urls = installs_from(first)
+    assert urls, "the first cell does not %pip install bnutils from git"
+    assert set(urls) == {REPO}, f"{urls} != repository.url {REPO}"
+
+
+def test_contributing_pattern_uses_the_repository_url():
+    urls = installs_from((ROOT / "CONTRIBUTING.md").read_text())
+    assert urls and set(urls) == {REPO}, urls
+
+
+def test_installs_from_handles_branches():
+    assert installs_from('%pip install "bnutils @ git+https://github.com/a/b@main"') == ["https://github.com/a/b"]
+    assert installs_from('%pip install "bnutils @ git+https://github.com/a/b"') == ["https://github.com/a/b"]
+    assert installs_from("%pip install git+https://github.com/a/b.git@v1") == ["https://github.com/a/b"]
+
+
+def documented_modules() -> set[str]:
+    return set(re.findall(r"^\.\. automodule:: bnutils\.(\w+)", API, re.M))
+
+
+def test_api_reference_documents_every_module():
+    modules = {p.stem for p in (ROOT / "bnutils").glob("*.py") if not p.stem.startswith("_")}
+    documented = documented_modules()
+    assert not modules - documented, f"add to api.md: {sorted(modules - documented)}"
+    assert not documented - modules, f"api.md documents missing modules: {sorted(documented - modules)}"
+
+
+def test_every_public_name_is_on_the_api_page():
+    """Every function and class in bnutils.__all__ is defined in a module the API page documents."""
+    documented = documented_modules()
+    for name in bnutils.__all__:
+        module = getattr(getattr(bnutils, name), "__module__", "") or ""
+        if module.startswith("bnutils."):
+            assert module.split(".")[1] in documented, f"{name} ({module}) is not on the API page"
+
+
+def test_mathjax_comes_from_the_build_not_a_cdn():
+    sphinx = CONFIG["sphinx"]
+    path = sphinx["config"]["mathjax_path"]
+    assert "://" not in path and not path.startswith("/"), "mathjax_path must be local"
+    assert "sphinx-mathjax-offline" in sphinx["extra_extensions"]
+    spec = importlib.util.find_spec("sphinx-mathjax-offline")
+    assert spec is not None, "pip install -r requirements.txt (sphinx-mathjax-offline)"
+    shipped = Path(spec.origin).parent / "static" / "mathjax" / path.removeprefix("mathjax/")
+    assert shipped.is_file(), shipped
+    assert shipped.stat().st_size > 100_000, "not the MathJax component"
+    # Jupyter Book adds every .js under _static/ to every page: MathJax must not live there.
+    assert not list((ROOT / "_static").rglob("*mathjax*")) if (ROOT / "_static").exists() else True
+
+
+def test_appendices_are_in_the_table_of_contents():
+    files = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
+    for page in ("running", "api", "glossary", "bibliography"):
+        assert page in files and (ROOT / f"{page}.md").is_file(), page
+
+
+def test_publish_workflow_builds_and_deploys_on_push_to_main():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "publish.yml").read_text())
+    on = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare 'on' key as True
+    assert on["push"]["branches"] == [BRANCH]
+    steps = [s for job in workflow["jobs"].values() for s in job.get("steps", [])]
+    runs = " ".join(s.get("run", "") for s in steps)
+    uses = [s.get("uses", "") for s in steps]
+    assert "requirements.txt" in runs and "jupyter-book build" in runs
+    assert any(u.startswith("actions/upload-pages-artifact@") for u in uses)
+    assert any(u.startswith("actions/deploy-pages@") for u in uses)
+
+
+def test_requirements_pin_the_site_tools():
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+    for package in ("playwright", "sphinx-mathjax-offline", "jupyter-book", "sphinx"):
+        assert package in pins, f"{package} is not pinned in requirements.txt"
+
+
+def _sphinx_glue():
+    spec = importlib.util.spec_from_file_location("bnbook_sphinx", ROOT / "tools" / "bnbook_sphinx.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("x (N, C, *spatial), gamma (C,)", r"x (N, C, \*spatial), gamma (C,)"),
+    ("||a - b|| / max(|a|, tiny)", r"\|\|a - b\|\| / max(\|a\|, tiny)"),
+    ("*unbiased* variance, var * M, **strong**", "*unbiased* variance, var * M, **strong**"),
+    ("f(*args, **kwargs)", r"f(\*args, \*\*kwargs)"),
+    ("as ``nn.Module``s and ``x`` = ``|y|``", r"as ``nn.Module``\ s and ``x`` = ``|y|``"),
+    (":func:`bnutils.train` and ``a*b``", ":func:`bnutils.train` and ``a*b``"),
+    ("| a line block |", "| a line block |"),
+])
+def test_docstring_plain_text_is_escaped_for_restructuredtext(line, expected):
+    assert _sphinx_glue().escape_plain_text_markup(line) == expected
