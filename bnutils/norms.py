@@ -34,6 +34,16 @@ from ._validate import check_eps, check_momentum, check_training_batch
 from .layers import _check_input
 
 
+def _add_affine(module: nn.Module, n: int, affine: bool) -> None:
+    """Per-channel weight (ones) and bias (zeros) of shape (n,), or None parameters when not affine."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(n))
+        module.bias = nn.Parameter(torch.zeros(n))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 def _positive_int(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -144,12 +154,7 @@ class GroupNorm(nn.Module):
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.num_channels = num_groups, num_channels
         self.eps, self.affine = check_eps(eps), affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))
-            self.bias = nn.Parameter(torch.zeros(num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _add_affine(self, num_channels, affine)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.num_channels)
@@ -173,12 +178,7 @@ class _InstanceNorm(nn.Module):
         super().__init__()
         self.num_features = _positive_int(num_features, "num_features")
         self.eps, self.affine = check_eps(eps), affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _add_affine(self, num_features, affine)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_input(x, self.num_features)
@@ -220,12 +220,7 @@ class _BatchStatNorm(nn.Module):
         super().__init__()
         self.num_features = _positive_int(num_features, "num_features")
         self.eps, self.momentum, self.affine = check_eps(eps), check_momentum(momentum), affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _add_affine(self, num_features, affine)
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def _affine(self, y: Tensor) -> Tensor:

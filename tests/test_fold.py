@@ -11,14 +11,6 @@ BN = {("torch", 1): nn.BatchNorm1d, ("torch", 2): nn.BatchNorm2d,
       ("bnutils", 1): bn.BatchNorm1d, ("bnutils", 2): bn.BatchNorm2d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: extra OpenMP threads only add overhead (a lot on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def trained_bn(impl, dim, c, affine, momentum, input_shape, seed, dtype):
     """A BN with nontrivial running statistics and affine parameters, then switched to eval."""

@@ -15,14 +15,6 @@ KINDS = {  # name -> (bnutils class, torch class, number of spatial dims)
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: extra OpenMP threads only add overhead (a lot on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def assert_close(actual, expected, tol, what=""):
     """max |actual - expected| <= tol * (1 + max |expected|): relative to the scale of the tensor."""

@@ -23,13 +23,6 @@ from bnutils.norms import (
 TOL = {"rtol": 1e-9, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _data(shape, seed, loc=0.0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
