@@ -1,6 +1,7 @@
 """Notebook hygiene: what nbval cannot see (layout, execution order, house rules)."""
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,23 @@ def test_no_timing_output_is_compared(path):
         tags = cell.get("metadata", {}).get("tags", [])
         if re.search(r"perf_counter|timeit|time\.time\(", src) and cell.get("outputs"):
             assert "nbval-ignore-output" in tags or "nbval-skip" in tags, src[:80]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_typed_verdict_titles_match_glued_verdicts(path):
+    """A verdict word typed in an admonition title must agree with what the chapter computed and glued.
+
+    Titles may glue the word instead ({glue:text}`chN_verdict_x`); typed words are compared as a multiset
+    with the glued ``chN_verdict_*`` values of the same notebook, so a re-run that flips a verdict fails here.
+    """
+    nb = load(path)
+    typed = sorted(re.findall(r"\{admonition\} Verdict: (confirmed|qualified|contradicted)\b", markdown(nb)))
+    if not typed:
+        return
+    glued = []
+    for cell in code_cells(nb):
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name", "")
+            if "_verdict_" in name:
+                glued.append(out["data"]["application/papermill.record/text/plain"].strip("'\""))
+    assert not Counter(typed) - Counter(glued), f"typed {typed} vs glued {sorted(glued)}"
