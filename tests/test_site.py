@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -139,3 +140,17 @@ def _sphinx_glue():
 ])
 def test_docstring_plain_text_is_escaped_for_restructuredtext(line, expected):
     assert _sphinx_glue().escape_plain_text_markup(line) == expected
+
+
+def test_binder_environment_runs_the_chapters_on_cpu_torch_at_the_book_pins():
+    def pins(path):
+        return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), re.M))
+    binder, book = pins(ROOT / "binder" / "requirements.txt"), pins(ROOT / "requirements.txt")
+    text = (ROOT / "binder" / "requirements.txt").read_text()
+    assert "download.pytorch.org/whl/cpu" in text, "Binder would install PyPI's CUDA build of torch"
+    for package, version in binder.items():
+        assert book.get(package) == version, f"{package}: binder {version}, book {book.get(package)}"
+    imported = {"torch", "numpy", "matplotlib", "seaborn", "scikit-learn", "mnist1d", "ipykernel"}
+    assert imported <= binder.keys(), imported - binder.keys()
+    post_build = ROOT / "binder" / "postBuild"
+    assert "pip install --no-deps -e ." in post_build.read_text() and os.access(post_build, os.X_OK)
