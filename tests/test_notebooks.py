@@ -161,3 +161,18 @@ def test_typed_verdict_titles_match_glued_verdicts(path):
             if "_verdict_" in name:
                 glued.append(out["data"]["application/papermill.record/text/plain"].strip("'\""))
     assert not Counter(typed) - Counter(glued), f"typed {typed} vs glued {sorted(glued)}"
+
+
+GLOSSARY_TERMS = {line.strip().lower() for line in
+                  (ROOT / "glossary.md").read_text().split("```{glossary}")[1].split("```")[0].splitlines()
+                  if line and not line.startswith((" ", ":"))}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_chapter_links_its_terms_to_the_glossary(path):
+    roles = re.findall(r"\{term\}`([^`]*)`", markdown(load(path)))
+    assert roles, "link the chapter's first use of glossary terms with {term}`...`"
+    for role in roles:
+        target = re.search(r"<([^>]*)>$", role)
+        term = (target.group(1) if target else role).strip().lower()
+        assert term in GLOSSARY_TERMS, f"{term!r} is not a term in glossary.md"
