@@ -7,9 +7,16 @@ from torch import nn
 
 
 class _NoisyBatchNorm:
-    """Mixin: draw the noise from the module's own ``torch.Generator`` and apply it after BN."""
+    """Mixin: draw the noise from the module's own ``torch.Generator`` and apply it after BN.
 
-    def _init_noise(self, mean_range, std_range, shift_spread, scale_std, seed):
+    Placed before the torch BatchNorm class in the bases, so its constructor takes torch's arguments
+    (passed on unchanged) plus the noise settings."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, mean_range: float = 0.5, std_range: tuple[float, float] = (1.0, 1.25),
+                 shift_spread: float = 0.1, scale_std: float = 0.1, seed: int = 0):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         lo, hi = (float(v) for v in std_range)
         if mean_range < 0 or shift_spread < 0 or scale_std < 0 or not 0 <= lo <= hi:
             raise ValueError("expected mean_range >= 0, shift_spread >= 0, scale_std >= 0 and "
@@ -72,21 +79,11 @@ non-unit variance, redrawn at every training step, injected after each BN layer)
 
 
 class NoisyBatchNorm1d(_NoisyBatchNorm, nn.BatchNorm1d):
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *, mean_range: float = 0.5,
-                 std_range: tuple[float, float] = (1.0, 1.25), shift_spread: float = 0.1,
-                 scale_std: float = 0.1, seed: int = 0):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self._init_noise(mean_range, std_range, shift_spread, scale_std, seed)
+    pass
 
 
 class NoisyBatchNorm2d(_NoisyBatchNorm, nn.BatchNorm2d):
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *, mean_range: float = 0.5,
-                 std_range: tuple[float, float] = (1.0, 1.25), shift_spread: float = 0.1,
-                 scale_std: float = 0.1, seed: int = 0):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self._init_noise(mean_range, std_range, shift_spread, scale_std, seed)
+    pass
 
 
 NoisyBatchNorm1d.__doc__ = _DOC.format(name="NoisyBatchNorm1d", base="BatchNorm1d", shape="(N, C)")

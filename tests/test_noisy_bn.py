@@ -1,4 +1,6 @@
 """NoisyBatchNorm: BN plus Santurkar et al.'s noise, exactly as documented."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,16 @@ def test_seed_makes_it_reproducible():
 def test_bad_noise_parameters(kwargs):
     with pytest.raises(ValueError, match="expected"):
         bn.NoisyBatchNorm1d(3, **kwargs)
+
+
+@pytest.mark.parametrize("ours, theirs", [(bn.NoisyBatchNorm1d, nn.BatchNorm1d),
+                                         (bn.NoisyBatchNorm2d, nn.BatchNorm2d)])
+def test_constructor_takes_torch_arguments_with_torch_defaults(ours, theirs):
+    mine = inspect.signature(ours.__init__).parameters
+    for name, param in inspect.signature(theirs.__init__).parameters.items():
+        assert name in mine and (mine[name].kind, mine[name].default) == (param.kind, param.default), name
+    kw = dict(eps=1e-3, momentum=None, affine=True, track_running_stats=True, dtype=torch.float64, bias=False)
+    a, b = ours(5, **kw), theirs(5, **kw)
+    assert {k: (v.shape, v.dtype) for k, v in a.state_dict().items()} == \
+           {k: (v.shape, v.dtype) for k, v in b.state_dict().items()}
+    assert a.bias is None and a.momentum is None and a.eps == 1e-3
