@@ -45,16 +45,18 @@ def _world(group) -> int:
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with statistics over all processes of ``group``.
 
-    ``out, mean, var, count = SyncBatchNormFunction.apply(x, weight, bias, eps, group)``
+    ``out, mean, var, count = SyncBatchNormFunction.apply(x, weight, bias, eps, group, sync)``
 
     x: (N_r, C, *spatial) on this process (N_r may differ between processes, and may be 0);
     weight, bias: (C,) or None. Returns out (x's shape and dtype) and the global per-channel
     ``mean``, biased ``var`` (C,) and the global number of values per channel ``count`` (a float
-    tensor), which are not differentiable. Every process of the group must call it (collective).
+    tensor), which are not differentiable. Every process of the group must call it (collective);
+    with ``sync`` False it uses this process's batch alone and communicates nothing.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group=None):
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group=None,
+                sync: bool = True):
         _check_input(x)
         c = x.shape[1]
         dims = _reduce_dims(x.dim())
@@ -73,7 +75,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # The C-sized statistics travel and are combined in float64 (cheap, and exact counts).
         package = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=x.device),
                              mean_l.double(), m2.double()])
-        world = _world(group)
+        world = _world(group) if sync else 1
         if world > 1:
             parts = [torch.empty_like(package) for _ in range(world)]
             dist.all_gather(parts, package, group=group)
@@ -97,6 +99,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(xc, inv_std, weight)
         ctx.total = float(total)
         ctx.group = group
+        ctx.sync = world > 1
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         count = total.to(cdt)
@@ -114,7 +117,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_dout = dout.sum(dims)  # local dbeta
         sum_dout_xhat = (dout * xc).sum(dims) * inv_std  # local dgamma
         sums = torch.cat([sum_dout, sum_dout_xhat])
-        if _world(ctx.group) > 1:  # always (not only when dx is needed): every rank must join
+        if ctx.sync:  # always (not only when dx is needed): every rank must join
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
         g_dout, g_dout_xhat = sums[:c], sums[c:]
         dx = dweight = dbias = None
@@ -128,7 +131,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dweight = sum_dout_xhat.to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             dbias = sum_dout.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None
+        return dx, dweight, dbias, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -140,7 +143,8 @@ class SyncBatchNorm(_BatchNorm):
     and backward together) and updates the running statistics with the global mean and the unbiased
     global variance ``M2 / (N - 1)`` -- identical on every process. Without an initialized process
     group (or with one process) it is ordinary batch norm. Eval: the running statistics, no
-    communication.
+    communication; with ``track_running_stats=False``, this process's batch statistics, also without
+    communication (as torch's SyncBatchNorm does), so one process may evaluate alone.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -166,8 +170,10 @@ class SyncBatchNorm(_BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # Only training synchronizes: in eval mode (track_running_stats=False) each process
+        # normalizes with its own batch, so evaluating on one process alone cannot deadlock.
         out, mean, var, count = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps,
-                                                            self.process_group)
+                                                            self.process_group, self.training)
         if self.training and self.track_running_stats and self.running_mean is not None:
             total = float(count)
             with torch.no_grad():

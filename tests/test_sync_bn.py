@@ -148,3 +148,23 @@ def _fails(rank, world_size):
 def test_launcher_reports_child_errors():
     with pytest.raises(RuntimeError, match="boom on rank"):
         run_distributed(_fails, 2, timeout=30)
+
+
+def _eval_without_running_stats(rank, world_size):
+    """Both ranks train one step together; then only rank 0 evaluates (would deadlock if eval synced)."""
+    x, _ = data()
+    lo = sum(SIZES[:rank])
+    xr = x[lo:lo + SIZES[rank], :, 0, 0]  # (n_r, 2)
+    bn = SyncBatchNorm(2, track_running_stats=False).double()
+    bn(xr).sum().backward()  # collective: both ranks
+    bn.eval()
+    return bn(xr).detach() if rank == 0 else None
+
+
+@pytest.mark.timeout(120)
+def test_eval_without_running_stats_uses_local_batch_and_does_not_communicate():
+    res = run_distributed(_eval_without_running_stats, W, timeout=60)
+    x, _ = data()
+    local = x[:SIZES[0], :, 0, 0]
+    ref = nn.BatchNorm1d(2, track_running_stats=False).double().eval()(local)  # torch: local batch stats
+    assert res[1] is None and close(res[0], ref)
