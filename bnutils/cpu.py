@@ -8,8 +8,8 @@ book caps every library at AVX2 (x86-64-v3, which every x86-64 server CPU of the
 and asks MKL for its conditional-numerical-reproducibility mode at that level.
 
 These are environment variables that the libraries read when they load: ``import bnutils`` sets
-them (before it imports NumPy or torch), which is why it is the first import of every chapter,
-and the project's commands export them for the processes they start. A value already set wins;
+them (before it imports NumPy or torch), which is why it is the first import of every chapter;
+processes started afterwards (the workers of ``run_distributed``) inherit them. A value already set wins;
 ``BNUTILS_NATIVE_CPU=1`` leaves the environment alone (for speed measurements of the machine's
 best code paths). On other architectures nothing is set.
 """
