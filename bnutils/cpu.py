@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 
 CPU_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorized kernels (elementwise, reductions, BN)
@@ -27,8 +26,6 @@ CPU_ENV = {
     "NPY_DISABLE_CPU_FEATURES": "AVX512F X86_V4 AVX512_ICL AVX512_SPR",  # NumPy's own SIMD loops
 }
 """The variables ``pin_cpu_code_paths`` sets (x86-64 only), with their values."""
-
-PINNED_LIBRARIES = ("numpy", "torch")
 
 
 def pin_cpu_code_paths(environ=os.environ) -> list[str]:
@@ -46,13 +43,5 @@ def pin_cpu_code_paths(environ=os.environ) -> list[str]:
     return added
 
 
-def loaded_before_pinning() -> list[str]:
-    """Libraries of ``PINNED_LIBRARIES`` that were imported before bnutils (their paths are not pinned)."""
-    return [m for m in PINNED_LIBRARIES if m in sys.modules]
-
-
 # Importing this module (bnutils' first import) pins the code paths for this process and its children.
-LOADED_BEFORE = loaded_before_pinning()
-"""The libraries that were already imported when bnutils was (for them the pins came too late)."""
-SET_BY_BNUTILS = pin_cpu_code_paths()
-"""The variables that importing bnutils set (empty if they were set already, or not x86-64)."""
+pin_cpu_code_paths()
