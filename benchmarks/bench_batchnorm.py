@@ -16,10 +16,6 @@ import os
 import platform
 import sys
 
-# The machine's best code paths (AVX-512 where it has them), not the AVX2 paths that bnutils pins
-# for reproducible chapter outputs (bnutils.cpu). BNUTILS_NATIVE_CPU=0 measures the pinned ones.
-os.environ.setdefault("BNUTILS_NATIVE_CPU", "1")
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -2,8 +2,6 @@
 
 Public names are re-exported here; the chapters import them from ``bnutils``.
 """
-# First, before NumPy or torch load: importing bnutils.cpu pins their CPU code paths (see there).
-from . import cpu as _cpu  # noqa: F401
 from .book import glue
 from .data import binary_2d, digits, mnist1d, seed001_regression
 from .diagnostics import (
