@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Extra pip arguments for the install, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
 
-.PHONY: setup book test execute lint browser serve clean
+.PHONY: setup book test verify execute lint browser serve clean
 .DEFAULT_GOAL := book
 
 $(STAMP): requirements.txt pyproject.toml
@@ -24,6 +24,9 @@ book: $(STAMP)                    ## build the HTML book from the stored noteboo
 
 test: $(STAMP)                    ## every check: lint, strict book build, unit + hygiene tests, nbval
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/run_checks.sh
+
+verify: $(STAMP)                  ## re-run every chapter (or NB=chapters/X.ipynb) and compare with the stored outputs (nbval + tolerances)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/verify.sh $(NB)
 
 execute: $(STAMP)                 ## re-execute every chapter in place (refresh stored outputs)
 	$(BIN)/python tools/execute_notebooks.py $(NB)

@@ -13,10 +13,9 @@ phase() {  # phase NAME COMMAND...: run, then print how long it took
 }
 
 phase "ruff" ruff check bnutils tests tools benchmarks chapters
-# A first matplotlib import builds the font cache and says so on stderr; do it outside nbval.
+# A first matplotlib import builds the font cache and says so on stderr; do it outside pytest.
 phase "warm matplotlib" python -c "import matplotlib.pyplot"
 phase "strict book build" jupyter-book build . --all -W -n --keep-going
 # tests/test_browser.py opens every page of the build above in headless Chromium (screenshots/).
-phase "pytest (unit, hygiene, site and browser, nbval strict)" \
-  python -m pytest tests chapters --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg \
-  --nbval-current-env --nbval-cell-timeout=300
+phase "pytest (unit, hygiene, site and browser)" python -m pytest tests
+phase "verify (nbval strict, stated tolerances)" bash tools/verify.sh
