@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Verify stored notebook outputs: re-execute each chapter with nbval in strict mode and compare every
-# output with the stored one -- exactly, except values stored with a tolerance (bnutils.nbval_tolerance).
+# output with the stored one -- exactly, except values stored with a tolerance (bnutils.nbval_tolerance,
+# loaded for every pytest run by pyproject.toml).
 # Usage: tools/verify.sh [chapters/NN_slug.ipynb ...]   (default: every chapter)
 # Expects the pinned environment's bin/ first on PATH (make verify does that).
 set -euo pipefail
@@ -9,4 +10,4 @@ cd "$(dirname "$0")/.."
 python -c "import matplotlib.pyplot"
 if [ "$#" -eq 0 ]; then set -- chapters; fi
 python -m pytest "$@" --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg \
-  --nbval-current-env --nbval-cell-timeout=300 -p bnutils.nbval_tolerance
+  --nbval-current-env --nbval-cell-timeout=300
