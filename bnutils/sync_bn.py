@@ -17,14 +17,20 @@ x_r.grad is d(sum_s loss_s)/dx_r and the parameter gradients are (1/W) * d(sum_s
 (DDP's average over the W processes).
 
 ``run_distributed(fn, world_size, *args, timeout=...)`` starts ``world_size`` processes on this
-machine, joins them into a gloo group over 127.0.0.1 and returns each rank's ``fn(rank, world_size,
-*args)``; it kills the processes it started when the timeout expires.
+machine, joins them into a gloo group over 127.0.0.1 (rendezvous through a file, with a timeout)
+and returns each rank's ``fn(rank, world_size, *args)``; if a rank fails it reports every rank's
+traceback or exit code, first failure first, and it kills the processes it started when the
+timeout expires.
 """
 from __future__ import annotations
 
+import datetime
+import json
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import socket
+import re
+import signal
 import tempfile
 import time
 import traceback
@@ -191,8 +197,11 @@ def _is_batchnorm(m: nn.Module) -> bool:
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every torch.nn / bnutils BatchNorm{1,2,3}d in ``module`` by a ``SyncBatchNorm``.
 
-    Parameters, running statistics and settings are copied (the same tensors' values; dtype and
-    device kept). Returns the converted module (``module`` itself is changed in place for children).
+    As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does, the new layer *shares* the old one's
+    parameters and buffers (the same ``nn.Parameter`` and tensor objects, not copies), so an
+    optimizer built before the conversion keeps updating gamma and beta, and the running
+    statistics are the same tensors. Returns the converted module (``module`` itself is changed in
+    place for children).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -201,16 +210,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
         new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group=process_group, **kw)
-        with torch.no_grad():
-            if module.affine:
-                new.weight.copy_(module.weight)
-                new.bias.copy_(module.bias)
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-            if module.track_running_stats and module.running_mean is not None:
-                new.running_mean.copy_(module.running_mean)
-                new.running_var.copy_(module.running_var)
-                new.num_batches_tracked.copy_(module.num_batches_tracked)
+        if module.affine:
+            new.weight = module.weight
+            new.bias = module.bias
+        new.running_mean = module.running_mean
+        new.running_var = module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
         new.train(module.training)
         return new
     for name, child in module.named_children():
@@ -222,80 +227,150 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 # Launcher: W local processes in a gloo group on 127.0.0.1
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_GRACE_SECONDS = 5.0  # after a first failure, how long the other ranks get before they are killed
+# Errors that only say a peer went away: the consequence of another rank's failure, never its cause.
+_PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Broken pipe|ECONNRESET|EPIPE|"
+                        r"[Cc]onnection refused|Socket closed|[Pp]eer .*(closed|disconnected)")
 
 
-def _worker(fn, rank, world_size, port, outdir, threads, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                      RANK=str(rank), WORLD_SIZE=str(world_size))
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # the parent never reads a half-written report
+
+
+def _worker(fn, rank, world_size, store_path, outdir, threads, group_timeout, args):
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     code = 0
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size)
+        timeout = datetime.timedelta(seconds=group_timeout)
+        # Rendezvous through a file in the parent's temporary directory: no port is picked, so none
+        # can be taken by another process between picking and binding (gloo's own connections bind
+        # port 0, which the kernel assigns atomically).
+        store = dist.FileStore(store_path, world_size)
+        store.set_timeout(timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             result = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     except BaseException:  # report to the parent; never hang it
-        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
+        failed_at = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of this machine
+        _write_json(os.path.join(outdir, f"rank{rank}.err"),
+                    {"time": failed_at, "traceback": traceback.format_exc()})
         code = 1
     os._exit(code)  # skip atexit handlers inherited from the parent (fork)
 
 
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"exit code {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def _failure_report(failures: list[tuple[bool, float, int, str, str]], killed: list[int],
+                    world_size: int) -> str:
+    """failures: (peer_lost, time, rank, one-line summary, details). First failure first: ranks with
+    an error of their own (or an exit code) by time, then those that only lost a peer."""
+    failures = sorted(failures)
+    first = failures[0]
+    parts = [f"run_distributed: rank {first[2]} failed first ({first[3]}); "
+             f"{len(failures)} of {world_size} ranks failed"
+             + (f"; ranks {killed} were still running {_GRACE_SECONDS:g} s later and were killed"
+                if killed else "") + "."]
+    for _, _, rank, summary, details in failures:
+        parts.append(f"--- rank {rank}: {summary}\n{details}".rstrip())
+    return "\n\n".join(parts)
+
+
 def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 120.0,
-                    start_method: str = "fork", threads: int = 1) -> list:
+                    start_method: str = "fork", threads: int = 1,
+                    collective_timeout: float | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined in a gloo group.
 
-    The group talks over 127.0.0.1 only. Returns the list of the ranks' return values (saved with
+    The group talks over 127.0.0.1 only; the processes meet through a file store in a temporary
+    directory (no port to pick). Returns the list of the ranks' return values (saved with
     ``torch.save``, so tensors, numbers, dicts and lists are fine). ``start_method`` "fork" (default,
     fast, works with functions defined in a notebook) or "spawn" (``fn`` must be importable).
-    Raises RuntimeError with the child's traceback if a rank fails, TimeoutError (after killing the
-    processes) if they are not all done within ``timeout`` seconds.
+    ``collective_timeout`` (seconds, default ``timeout``) is the process group's timeout: a rank
+    waiting longer than that in the rendezvous or in a collective raises instead of hanging.
+
+    Raises RuntimeError if a rank fails, with every failed rank's traceback, or exit code if it
+    died without one (killed, crashed), first failure first: a rank whose error only says that a
+    peer went away (connection reset) comes after the rank that caused it. Once one rank has
+    failed, the others get a few seconds to finish, then are killed. Raises TimeoutError (after
+    killing the processes) if they are not all done within ``timeout`` seconds.
     """
     if not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    group_timeout = timeout if collective_timeout is None else collective_timeout
+    if not group_timeout > 0:
+        raise ValueError(f"collective_timeout must be > 0 seconds, got {collective_timeout}")
     ctx = mp.get_context(start_method)
     if start_method == "fork":
         # DistributedDataParallel imports torch._dynamo lazily (seconds): import it once here so that
         # the forked children inherit it instead of each importing it again.
         import torch._dynamo  # noqa: F401
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="bnutils_dist_") as outdir:
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, outdir, threads, args),
-                             daemon=True) for r in range(world_size)]
+        store_path = os.path.join(outdir, "store")
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(fn, r, world_size, store_path, outdir, threads, group_timeout, args))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
+        exited_at: dict[int, float] = {}
+        first_failure: float | None = None
+        running = dict(enumerate(procs))
         try:
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-            if any(p.is_alive() for p in procs):
-                raise TimeoutError(f"run_distributed: not all {world_size} processes finished "
-                                   f"within {timeout} s; killed them")
+            while running:
+                limit = deadline if first_failure is None else min(deadline, first_failure + _GRACE_SECONDS)
+                left = limit - time.monotonic()
+                if left <= 0:
+                    break
+                ready = set(mp_connection.wait([p.sentinel for p in running.values()], timeout=left))
+                now = time.monotonic()
+                for r, p in list(running.items()):
+                    if p.sentinel in ready:
+                        p.join()
+                        exited_at[r] = now
+                        del running[r]
+                        if p.exitcode != 0 and first_failure is None:
+                            first_failure = now
         finally:
             for p in procs:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-        errors = [r for r in range(world_size) if os.path.exists(os.path.join(outdir, f"rank{r}.err"))]
-        if errors:
-            with open(os.path.join(outdir, f"rank{errors[0]}.err")) as f:
-                raise RuntimeError(f"rank {errors[0]} failed:\n{f.read()}")
-        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+        failures = []
+        for r, p in enumerate(procs):
+            err = os.path.join(outdir, f"rank{r}.err")
+            if r in running:
+                continue
+            if os.path.exists(err):
+                with open(err) as f:
+                    report = json.load(f)
+                tb = report["traceback"].rstrip()
+                last = tb.splitlines()[-1] if tb else "no traceback"
+                failures.append((bool(_PEER_LOST.search(tb)), report["time"], r, last, tb))
+            elif p.exitcode != 0:
+                failures.append((False, exited_at[r], r, _exit_description(p.exitcode),
+                                 "(no traceback: the process was killed or crashed outside Python)"))
+        if failures:
+            raise RuntimeError(_failure_report(failures, sorted(running), world_size))
+        if running:
+            raise TimeoutError(f"run_distributed: ranks {sorted(running)} of {world_size} had not finished "
+                               f"within {timeout} s; killed them")
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
 
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "free_port",
-           "run_distributed"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "run_distributed"]

@@ -1,6 +1,12 @@
 """SyncBatchNorm on CPU: 2 gloo processes (127.0.0.1) vs one process on the concatenated batch."""
+import os
+import signal
+import socket
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import bnutils
@@ -168,3 +174,107 @@ def test_eval_without_running_stats_uses_local_batch_and_does_not_communicate():
     local = x[:SIZES[0], :, 0, 0]
     ref = nn.BatchNorm1d(2, track_running_stats=False).double().eval()(local)  # torch: local batch stats
     assert res[1] is None and close(res[0], ref)
+
+
+@pytest.mark.parametrize("bn", ["torch", "bnutils"])
+def test_convert_shares_parameters_and_buffers_so_an_earlier_optimizer_still_trains_them(bn):
+    """As torch's convert_sync_batchnorm: the same Parameter and buffer objects, not copies."""
+    model = make_model(bn)
+    old = [m for m in model if hasattr(m, "running_mean")]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # built before the conversion
+    model = convert_sync_batchnorm(model)
+    new = [m for m in model if isinstance(m, SyncBatchNorm)]
+    assert len(new) == len(old) == 2
+    for a, b in zip(old, new, strict=True):
+        assert b.weight is a.weight and b.bias is a.bias
+        assert b.running_mean is a.running_mean and b.running_var is a.running_var
+        assert b.num_batches_tracked is a.num_batches_tracked
+    before = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in new]
+    x, gw = data()
+    (model(x) * gw).sum().backward()
+    optimizer.step()
+    for m, (w, b) in zip(new, before, strict=True):
+        assert m.weight.grad is not None
+        assert not torch.equal(m.weight.detach(), w) and not torch.equal(m.bias.detach(), b), \
+            "the optimizer built before the conversion did not update the converted layer"
+        assert int(m.num_batches_tracked) == 1
+
+
+def test_convert_without_affine_or_running_stats():
+    bn = bnutils.BatchNorm1d(3, affine=False, track_running_stats=False)
+    new = convert_sync_batchnorm(bn)
+    assert new.weight is None and new.bias is None and new.running_mean is None
+    assert isinstance(new, SyncBatchNorm) and new(torch.randn(4, 3)).shape == (4, 3)
+
+
+def _rank1_raises(rank, world_size):
+    if rank == 1:
+        time.sleep(0.5)  # rank 0 is waiting in the barrier by then
+        raise KeyError("boom on rank 1")
+    dist.barrier()  # fails on rank 0 with gloo's "Connection closed by peer"
+
+
+def _rank1_killed(rank, world_size):
+    if rank == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(3))
+
+
+@pytest.mark.timeout(60)
+def test_launcher_reports_the_rank_that_failed_first_and_every_traceback():
+    with pytest.raises(RuntimeError) as info:
+        run_distributed(_rank1_raises, 2, timeout=30)
+    message = str(info.value)
+    assert message.startswith("run_distributed: rank 1 failed first (KeyError: 'boom on rank 1')"), message
+    assert "2 of 2 ranks failed" in message
+    first, second = message.index("--- rank 1:"), message.index("--- rank 0:")
+    assert first < second, "rank 0's consequence is listed before rank 1's cause"
+    assert "_rank1_raises" in message[first:second] and "dist.barrier()" in message[second:]
+
+
+@pytest.mark.timeout(60)
+def test_launcher_reports_a_killed_rank_with_its_exit_code():
+    with pytest.raises(RuntimeError) as info:
+        run_distributed(_rank1_killed, 2, timeout=30)
+    message = str(info.value)
+    assert message.startswith("run_distributed: rank 1 failed first (exit code -9 (killed by SIGKILL))"), \
+        message
+    assert message.index("--- rank 1:") < message.index("--- rank 0:")
+
+
+def _rank1_never_joins(rank, world_size):
+    if rank == 1:
+        time.sleep(120)
+    dist.barrier()
+
+
+@pytest.mark.timeout(60)
+def test_collectives_time_out_and_the_stragglers_are_killed():
+    """The process group has a timeout: rank 0 raises instead of waiting in the barrier for good,
+    and rank 1, still busy, is killed a few seconds after that failure, long before ``timeout``."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        run_distributed(_rank1_never_joins, 2, timeout=50, collective_timeout=2)
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert message.startswith("run_distributed: rank 0 failed first"), message
+    assert "Timed out" in message and "ranks [1] were still running" in message
+
+
+@pytest.mark.timeout(60)
+def test_rendezvous_picks_no_port_that_another_process_could_take(monkeypatch):
+    """Picking a free port and binding it later is a race: simulate losing it. The launcher must not
+    depend on a port chosen in advance (the old one asked free_port() and bound it in rank 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(bnutils.sync_bn, "free_port", lambda: port, raising=False)
+        assert run_distributed(_rank_plus_sum, 2, timeout=30) == [1.0, 2.0]
+
+
+def _rank_plus_sum(rank, world_size):
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return float(t) + rank - 1
