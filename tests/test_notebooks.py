@@ -176,3 +176,31 @@ def test_chapter_links_its_terms_to_the_glossary(path):
         target = re.search(r"<([^>]*)>$", role)
         term = (target.group(1) if target else role).strip().lower()
         assert term in GLOSSARY_TERMS, f"{term!r} is not a term in glossary.md"
+
+
+PLACEHOLDERS = {"", "none", "nan", "n/a", "-", "\u2014", "\u2013", "[]", "()", "{}", "null"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_glued_values_are_not_placeholders(path):
+    """Prose must follow the result: a glued "none" or "—" dropped into a sentence written for another
+    outcome ("seed(s) none drifted apart") reads as a claim the numbers do not make. Where a result can
+    be empty, build the whole sentence (or clause) from the result in code and glue that."""
+    for cell in code_cells(load(path)):
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                value = out["data"]["application/papermill.record/text/plain"].strip("'\"").strip()
+                assert value.lower() not in PLACEHOLDERS, f"glue {name!r} is a placeholder: {value!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_tolerances_are_stated_with_a_reason(path):
+    """Every cell tolerance is valid and says why (the spread it was chosen from)."""
+    from bnutils.nbval_tolerance import validate_tolerance
+
+    for cell in code_cells(load(path)):
+        tol = cell.get("metadata", {}).get("tolerance")
+        if tol is not None:
+            validate_tolerance(tol, f"cell {''.join(cell['source'])[:40]!r}")
+            assert len(tol.get("why", "")) > 10, "say why: the measured spread this tolerance covers"
