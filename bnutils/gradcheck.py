@@ -11,7 +11,8 @@ def numerical_gradient(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
     """Gradient of sum(f(x) * dout) with respect to x by central differences.
 
     ``f`` maps an array shaped like ``x`` to an array shaped like ``dout``. Each entry of x is
-    nudged by +h and -h in turn (x is restored afterwards), so the cost is 2 * x.size calls.
+    nudged by +h and -h in turn, in place (x is restored afterwards), so the cost is 2 * x.size calls.
+    x may be any view, contiguous or not (a transpose, a strided slice); it must be writeable.
     Use float64: in float32 the truncation and rounding errors swamp the comparison.
     """
     if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
@@ -19,16 +20,17 @@ def numerical_gradient(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
     if h <= 0:
         raise ValueError(f"h must be > 0, got {h}")
     grad = np.zeros_like(x)
-    flat_x, flat_g = x.reshape(-1), grad.reshape(-1)  # views into x and grad
-    for i in range(flat_x.size):
-        old = flat_x[i]
-        flat_x[i] = old + h
+    # Index x itself, entry by entry: x.reshape(-1) is a *copy* when x is not contiguous (a transposed
+    # or strided view), and nudging a copy leaves f(x) unchanged (an all-zero gradient).
+    for i in np.ndindex(x.shape):
+        old = x[i]  # a scalar: a copy of the entry
+        x[i] = old + h
         plus = f(x).copy()
-        flat_x[i] = old - h
+        x[i] = old - h
         minus = f(x)
-        flat_x[i] = old
+        x[i] = old
         # subtract before summing: the two sums are nearly equal and would cancel
-        flat_g[i] = np.sum((plus - minus) * dout) / (2 * h)
+        grad[i] = np.sum((plus - minus) * dout) / (2 * h)
     return grad
 
 
