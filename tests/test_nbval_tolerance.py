@@ -1,9 +1,12 @@
 """The verification's comparator (bnutils.nbval_tolerance): exact by default, within stated tolerances."""
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -185,3 +188,71 @@ def test_nbval_uses_the_tolerances_end_to_end(tmp_path):
     glue_outside = run_nbval(tmp_path, "0.500", "0.520", {"atol": 0.01})
     assert glue_outside.returncode == 1 and "outside the tolerance" in glue_outside.stdout, textwrap.shorten(
         glue_outside.stdout, 2000)
+
+
+# ---------------------------------------------------------------- teeth, on the stored chapters
+CHAPTERS = sorted((Path(__file__).resolve().parents[1] / "chapters").glob("*.ipynb"))
+NUMBER = re.compile(r"(?<![\w.])(\d+)(?:\.(\d+))?(?:[eE]([-+]?\d+))?(?![\w])")
+
+
+def scale_numbers(text: str, factor: float) -> str:
+    """Every number in ``text`` times ``factor``, printed with as many decimals as before."""
+    def scaled(m):
+        decimals = len(m.group(2) or "")
+        mantissa = float(m.group(1) + ("." + m.group(2) if m.group(2) else "")) * factor
+        body = f"{mantissa:.{decimals}f}"
+        return body + (f"e{m.group(3)}" if m.group(3) else "")
+    return NUMBER.sub(scaled, text)
+
+
+def bump_last_digit(text: str) -> str:
+    """``text`` with the last digit of its last number changed."""
+    last = [m for m in re.finditer(r"\d", text)][-1]
+    new = "1" if text[last.start()] != "1" else "2"
+    return text[:last.start()] + new + text[last.end():]
+
+
+def stored_cells(path):
+    from nbval.plugin import coalesce_streams, transform_streams_for_comparison
+
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code" and "nbval-ignore-output" not in cell.metadata.get("tags", []):
+            yield cell, transform_streams_for_comparison(coalesce_streams(copy.deepcopy(cell.outputs)))
+
+
+def mutate_glue(outputs, change):
+    mutated = copy.deepcopy(outputs)
+    for out in mutated:
+        if "scrapbook" in out.get("metadata", {}):
+            key = "application/papermill.record/text/plain"
+            out["data"][key] = change(out["data"][key])
+    return mutated
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_glued_numbers_scaled_by_a_quarter_are_caught(path):
+    """Multiplying every glued number by 1.25 must fail verification: tolerances are not blankets."""
+    caught = glued = 0
+    for cell, outputs in stored_cells(path):
+        if any("scrapbook" in out.get("metadata", {}) for out in outputs):
+            mutated = mutate_glue(outputs, lambda s: scale_numbers(s, 1.25))
+            if mutated != outputs:
+                glued += 1
+                caught += bool(compare_outputs(outputs, mutated, cell.metadata))
+    if glued:
+        assert caught, f"no cell of {path.name} notices its glued numbers scaled by 1.25"
+
+
+def test_a_changed_last_digit_of_chapter_1_is_caught():
+    """Chapter 1 is closed-form float64: every glued number is compared exactly."""
+    path = next(p for p in CHAPTERS if p.name.startswith("01_"))
+    checked = 0
+    for cell, outputs in stored_cells(path):
+        for i, out in enumerate(outputs):
+            if "scrapbook" in out.get("metadata", {}) and re.search(r"\d", str(out["data"])):
+                mutated = copy.deepcopy(outputs)
+                key = "application/papermill.record/text/plain"
+                mutated[i]["data"][key] = bump_last_digit(mutated[i]["data"][key])
+                assert compare_outputs(outputs, mutated, cell.metadata), out["metadata"]["scrapbook"]["name"]
+                checked += 1
+    assert checked > 10
