@@ -111,9 +111,53 @@ def test_publish_workflow_builds_and_deploys_on_push_to_main():
     steps = [s for job in workflow["jobs"].values() for s in job.get("steps", [])]
     runs = " ".join(s.get("run", "") for s in steps)
     uses = [s.get("uses", "") for s in steps]
-    assert "requirements.txt" in runs and "jupyter-book build" in runs
+    assert ("requirements.txt" in runs or "make setup" in runs) and "jupyter-book build" in runs
     assert any(u.startswith("actions/upload-pages-artifact@") for u in uses)
     assert any(u.startswith("actions/deploy-pages@") for u in uses)
+
+
+WORKFLOW = yaml.safe_load((ROOT / ".github" / "workflows" / "publish.yml").read_text())
+READ_ONLY = {"read", "none"}
+
+
+def _job_with(uses_prefix: str) -> tuple[str, dict]:
+    jobs = [(name, job) for name, job in WORKFLOW["jobs"].items()
+            if any(s.get("uses", "").startswith(uses_prefix) for s in job.get("steps", []))]
+    assert len(jobs) == 1, f"one job should use {uses_prefix}, found {[n for n, _ in jobs]}"
+    return jobs[0]
+
+
+def test_publish_workflow_grants_each_job_only_what_it_needs():
+    top = WORKFLOW.get("permissions")
+    assert top is not None, "no top-level permissions: the token gets the repository default (often write)"
+    assert top == {} or top == "read-all" or (isinstance(top, dict) and set(top.values()) <= READ_ONLY), \
+        f"top-level permissions must be read-only, got {top}"
+    deploy_name, deploy = _job_with("actions/deploy-pages@")
+    assert deploy.get("permissions") == {"pages": "write", "id-token": "write"}, deploy.get("permissions")
+    for name, job in WORKFLOW["jobs"].items():
+        if name != deploy_name:
+            perms = job.get("permissions")
+            assert isinstance(perms, dict) and set(perms.values()) <= READ_ONLY, f"job {name}: {perms}"
+    _, build = _job_with("actions/upload-pages-artifact@")
+    assert build.get("permissions") == {"contents": "read"}, build.get("permissions")
+
+
+def test_publish_workflow_verifies_the_outputs_before_building_and_uploading():
+    _, build = _job_with("actions/upload-pages-artifact@")
+    steps = build["steps"]
+
+    def index(predicate, what):
+        found = [i for i, s in enumerate(steps) if predicate(s)]
+        assert found, f"the build job has no step that {what}"
+        return found[0]
+
+    install = index(lambda s: "requirements.txt" in s.get("run", "") or "make setup" in s.get("run", ""),
+                    "installs the environment")
+    verify = index(lambda s: re.search(r"\bmake verify\b", s.get("run", "")), "runs make verify")
+    build_book = index(lambda s: "jupyter-book build" in s.get("run", ""), "builds the book")
+    upload = index(lambda s: s.get("uses", "").startswith("actions/upload-pages-artifact@"), "uploads")
+    assert install < verify < build_book < upload, (install, verify, build_book, upload)
+    assert "download.pytorch.org/whl/cpu" in steps[install]["run"], "install torch's CPU build"
 
 
 def test_requirements_pin_the_site_tools():
@@ -154,3 +198,50 @@ def test_binder_environment_runs_the_chapters_on_cpu_torch_at_the_book_pins():
     assert imported <= binder.keys(), imported - binder.keys()
     post_build = ROOT / "binder" / "postBuild"
     assert "pip install --no-deps -e ." in post_build.read_text() and os.access(post_build, os.X_OK)
+
+
+# ----------------------------------------------------------------------------- the built site
+
+HTML = ROOT / "_build" / "html"
+BUILT_TEXT = ("*.html", "*.js", "*.txt", "*.ipynb", "*.md", "*.json")
+
+
+def environment_leaks(text: str, environ=os.environ) -> list[str]:
+    """What of the build machine's environment ``text`` contains: an ``environ(`` repr, the value of
+    $HOME (as a path), the value of $PATH."""
+    leaks = []
+    if "environ(" in text:
+        leaks.append("environ(")
+    home = environ.get("HOME", "").rstrip("/")
+    if len(home) > 1 and re.search(re.escape(home) + r"(?![\w.-])", text):
+        leaks.append(f"$HOME ({home})")
+    path = environ.get("PATH", "")
+    if path and path in text:
+        leaks.append("$PATH")
+    return leaks
+
+
+def test_environment_leaks_finds_each_kind():
+    env = {"HOME": "/home/builder", "PATH": "/opt/x/bin:/usr/bin:/bin"}
+    assert environment_leaks("pin(environ=environ({'A': '1'}))", env) == ["environ("]
+    assert environment_leaks("cache in /home/builder/.cache", env) == ["$HOME (/home/builder)"]
+    assert environment_leaks("PATH=/opt/x/bin:/usr/bin:/bin; ok", env) == ["$PATH"]
+    assert environment_leaks("/home/builderx and /usr/bin alone are fine", env) == []
+
+
+def test_no_built_page_contains_the_build_environment():
+    """Issue 11: api.md once rendered a default ``environ=os.environ`` as the build machine's whole
+    environment. autodoc_preserve_defaults shows defaults as written; this checks every built file."""
+    assert CONFIG["sphinx"]["config"].get("autodoc_preserve_defaults") is True
+    if not (HTML / "index.html").exists():
+        if os.environ.get("CI"):
+            pytest.fail("no _build/html: build the book first (tools/run_checks.sh does)")
+        pytest.skip("no _build/html: build the book first")
+    files = [p for pattern in BUILT_TEXT for p in HTML.rglob(pattern)]
+    assert any(p.name == "api.html" for p in files)
+    found = {}
+    for p in files:
+        leaks = environment_leaks(p.read_text(errors="replace"))
+        if leaks:
+            found[p.relative_to(HTML).as_posix()] = leaks
+    assert not found, f"built files contain the build machine's environment: {found}"
