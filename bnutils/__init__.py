@@ -43,9 +43,10 @@ from .norms import (
 from .plotting import BN_COLOR, NO_BN_COLOR, PALETTE, set_style
 from .recorders import ActivationStats, GradNorms, LandscapeProbe, UpdateRatios
 from .session import setup_notebook
+from .stacked import StackedHistory, StackedMLP, train_stacked
 from .state import preserved_state
 from .sync_bn import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnorm, run_distributed
-from .training import History, Recorder, train
+from .training import History, Recorder, accuracy, recalibrate, train
 
 __all__ = [
     "BNCache", "BN_COLOR", "BatchNorm1d", "BatchNorm2d", "BatchNormFunction", "NO_BN_COLOR", "PALETTE",
@@ -63,5 +64,7 @@ __all__ = [
     "BatchRenorm", "GhostBatchNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "LayerNorm", "RMSNorm",
     # synchronized batch norm across CPU processes (chapter 15)
     "SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "run_distributed",
+    # many small networks trained at once; evaluation helpers (issue 12)
+    "StackedHistory", "StackedMLP", "accuracy", "recalibrate", "train_stacked",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ in as :class:`Recorder` objects (see :mod:`bnutils.recorders`).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from .optim import SGD, Adam
+from .state import preserved_state
 
 LOSSES = ("cross_entropy", "mse", "bce")
 OPTIMIZERS = ("sgd", "adam")
@@ -334,3 +337,94 @@ def train(model: nn.Module, data, *, lr: float | Callable[[int], float] = 0.1, s
         wall_time=time.perf_counter() - start,
     )
     return history
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    """A batch-norm-like module: running_mean and running_var buffers and a momentum (None allowed)."""
+    return (isinstance(getattr(module, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(module, "running_var", None), torch.Tensor)
+            and hasattr(module, "momentum"))
+
+
+def _batches(X, batch_size: int | None, drop_last: bool) -> list[torch.Tensor]:
+    n = len(X)
+    if batch_size is None:
+        return [X]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int or None (all of X at once), got {batch_size!r}")
+    stop = n - n % batch_size if drop_last else n
+    if stop == 0:
+        raise ValueError(f"no complete batch of {batch_size} in {n} examples (drop_last=True)")
+    return [X[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def _as_input(X, model: nn.Module) -> torch.Tensor:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    t = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    if not t.is_floating_point():
+        raise TypeError(f"X must be a floating array or tensor of inputs (N, ...), got dtype {t.dtype}")
+    param = next(model.parameters(), None)
+    return t if param is None else t.to(param.dtype)
+
+
+def recalibrate(model: nn.Module, X, batch_size: int | None = 64) -> nn.Module:
+    """A copy of ``model`` (in eval mode) whose batch-norm running statistics are re-estimated on X.
+
+    Every module with ``running_mean``/``running_var`` buffers (torch's and bnutils' BatchNorm,
+    GhostBatchNorm, SyncBatchNorm, a StackedMLP's layers) is reset and, with ``momentum=None``,
+    averages the batch statistics of consecutive batches of X (``batch_size=None``: X at once,
+    giving its exact mean and unbiased variance) in training mode, without gradients; momenta
+    are restored afterwards. The same arithmetic as ``torch.optim.swa_utils.update_bn`` over
+    those batches. Batch renorm's ``running_std`` is left as it is. ``model`` is not modified.
+    """
+    model = copy.deepcopy(model)
+    X = _as_input(X, model)
+    norms = [m for m in model.modules() if _has_running_stats(m)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.running_mean.zero_()
+        m.running_var.fill_(1)
+        if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
+            m.num_batches_tracked.zero_()
+        m.momentum = None  # cumulative average over the recalibration batches, not an EMA
+    model.train()
+    with torch.no_grad():
+        for xb in _batches(X, batch_size, drop_last=False):
+            model(xb)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return model.eval()
+
+
+def accuracy(model: nn.Module, X, y, *, mode: str = "eval", batch_size: int | None = None,
+             drop_last: bool = False):
+    """Fraction of the examples of X whose largest logit is the label y; nan if a logit is not finite.
+
+    ``mode``: "eval" (running statistics), "train" (batch statistics of each batch, which also
+    update the running statistics, as a forgotten ``model.eval()`` does) or "batch" (batch
+    statistics; every buffer is restored afterwards). ``batch_size``: consecutive batches of X
+    (None: all at once); ``drop_last`` leaves out an incomplete last batch (and its examples).
+    The model's train/eval flag is restored. An ``nn.Module`` gives a float; a
+    :class:`bnutils.StackedMLP` (logits (M, N, classes)) gives an (M,) array, one per member.
+    """
+    if mode not in ("eval", "train", "batch"):
+        raise ValueError(f"mode must be 'eval', 'train' or 'batch', got {mode!r}")
+    X = _as_input(X, model)
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    if y.dtype.is_floating_point or y.shape != X.shape[:1]:
+        raise ValueError(f"y must hold one integer label per example of X, shape ({len(X)},), "
+                         f"got {y.dtype} {tuple(y.shape)}")
+    stacked = hasattr(model, "num_members")
+    was_training = model.training
+    state = preserved_state(model) if mode == "batch" else contextlib.nullcontext()
+    with state, torch.no_grad():
+        model.train(mode != "eval")
+        outs = [model(xb) for xb in _batches(X, batch_size, drop_last)]
+    model.train(was_training)
+    out = torch.cat(outs, -2)  # (N, classes) or (M, N, classes)
+    y = y[:out.shape[-2]]
+    correct = (out.argmax(-1) == y).double().mean(-1)
+    finite = torch.isfinite(out).flatten(-2).all(-1) if stacked else torch.isfinite(out).all()
+    result = torch.where(finite, correct, torch.full_like(correct, float("nan")))
+    return result.numpy() if stacked else float(result)
