@@ -100,8 +100,25 @@ def test_mathjax_comes_from_the_build_not_a_cdn():
 
 def test_appendices_are_in_the_table_of_contents():
     files = re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
-    for page in ("running", "api", "glossary", "bibliography"):
+    for page in ("seeds", "running", "api", "glossary", "bibliography"):
         assert page in files and (ROOT / f"{page}.md").is_file(), page
+
+
+def test_seeds_page_has_a_label_per_post_and_links_chapters_and_the_claims_table():
+    """Chapters link {ref}`seed-000` etc.; each post's claims link the chapter testing them."""
+    text = (ROOT / "seeds.md").read_text()
+    sections = re.split(r"^\(seed-(\d{3})\)=\n", text, flags=re.M)
+    assert [sections[i] for i in range(1, len(sections), 2)] == ["000", "001", "002"]
+    for body in sections[2::2]:
+        body = body.split("\n## Beyond", 1)[0]
+        assert body.startswith("## "), "the label must sit right above the post's heading"
+        for field in ("**Title:**", "**Author:**", "**Date:**"):
+            assert field in body
+        linked = re.findall(r"\{doc\}`[^`<]*<(chapters/[^>]+)>`", body)
+        assert linked, "each post's claims link the chapters that test them"
+        for doc in linked:
+            assert (ROOT / f"{doc}.ipynb").is_file(), doc
+    assert "{doc}`the claims table <chapters/18_claims_vs_evidence>`" in text.replace("\n", " ")
 
 
 def test_publish_workflow_builds_and_deploys_on_push_to_main():
