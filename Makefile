@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Extra pip arguments for the install, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 PIP_ARGS ?=
 
-.PHONY: setup book test verify execute lint browser serve clean
+.PHONY: setup book test verify execute lab lint browser serve clean
 .DEFAULT_GOAL := book
 
 $(STAMP): requirements.txt pyproject.toml
@@ -30,6 +30,9 @@ verify: $(STAMP)                  ## re-run every chapter (or NB=chapters/X.ipyn
 
 execute: $(STAMP)                 ## re-execute every chapter in place (refresh stored outputs)
 	$(BIN)/python tools/execute_notebooks.py $(NB)
+
+lab: $(STAMP)                     ## open JupyterLab on the chapters, in the pinned environment (kernel: its Python)
+	$(BIN)/jupyter lab --notebook-dir="$(CURDIR)" $(LAB_ARGS)
 
 browser: $(STAMP)                 ## every page in headless Chromium (builds the HTML if stale); PNGs in screenshots/
 	$(BIN)/python -m pytest -q tests/test_browser.py
