@@ -5,6 +5,11 @@ machine, every image loaded, math typeset by the book's own MathJax, hidden solu
 clicked, the "next" link leading to the next page of the table of contents. A screenshot of each
 page goes to screenshots/ (git-ignored) for a person to look at.
 
+On every screen (issue 12): at a phone's 390 px no page scrolls sideways (wide tables and display
+math scroll inside their own box); no TeX source is left untypeset in the text ($...$, \\frac, ...
+outside code); at 1400 px no visible code line scrolls horizontally (a reader sees every line of
+the code cells whose input is shown).
+
 The site is served by a local HTTP server on 127.0.0.1 (an ephemeral port, started and stopped by
 this module) rather than opened from file:// URLs: that is how a published site is read, and it
 makes "no request leaves the machine" one exact rule, every request must go to that host and
@@ -42,6 +47,8 @@ CHROMIUM = os.environ.get("BNBOOK_CHROMIUM") or shutil.which("chromium") or "/us
 CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}   # a current phone's CSS viewport
+WIDE = {"width": 1400, "height": 900}   # a laptop: the text column at its widest
 TIMEOUT_MS = 30_000
 SOURCES = ["_config.yml", "_toc.yml", "references.bib", "*.md", "chapters/*.ipynb", "bnutils/*.py",
            "tools/bnbook_sphinx.py", "images/*"]
@@ -138,9 +145,9 @@ class Reader:
     """One browser tab with every problem it sees recorded: console errors, page errors, failed or
     refused requests, HTTP errors. Requests to anything but ``allowed`` are aborted unsent."""
 
-    def __init__(self, browser, allowed: tuple[str, ...]):
+    def __init__(self, browser, allowed: tuple[str, ...], viewport: dict | None = None):
         self.problems: list[str] = []
-        self.context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+        self.context = browser.new_context(viewport=viewport or VIEWPORT, device_scale_factor=1)
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.route("**/*", self._route)
         self.allowed = allowed + ("data:", "blob:", "about:")
@@ -186,6 +193,20 @@ class Reader:
 @pytest.fixture
 def reader(browser, server):
     tab = Reader(browser, allowed=(server,))
+    yield tab
+    tab.close()
+
+
+@pytest.fixture
+def phone(browser, server):
+    tab = Reader(browser, allowed=(server,), viewport=PHONE)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture
+def wide(browser, server):
+    tab = Reader(browser, allowed=(server,), viewport=WIDE)
     yield tab
     tab.close()
 
@@ -284,6 +305,97 @@ def check_next(reader: Reader, docname: str, server: str) -> None:
     assert reader.page.locator("article h1").count() >= 1, "next page has no title"
 
 
+SIDEWAYS_STATE = """() => {
+    const width = document.documentElement.clientWidth;
+    const scrolls = el => {
+        for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+            const o = getComputedStyle(a).overflowX;
+            if (o === 'auto' || o === 'scroll' || o === 'hidden' || o === 'clip') return true;
+        }
+        return false;
+    };
+    const describe = el => {
+        const cls = [...el.classList].slice(0, 2).map(c => '.' + c).join('');
+        const text = (el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 50);
+        const px = Math.round(el.getBoundingClientRect().width);
+        return `${el.tagName.toLowerCase()}${cls} (${px} px): ${text}`;
+    };
+    // the outermost elements that stick out past the right edge without a scrolling box around them
+    const culprits = [...document.querySelectorAll('article *')].filter(el => {
+        const r = el.getBoundingClientRect();
+        return r.width > 0 && r.right > width + 1 && !scrolls(el)
+            && !(el.parentElement && el.parentElement.getBoundingClientRect().right > width + 1
+                 && !scrolls(el.parentElement) && el.parentElement.closest('article'));
+    });
+    return {width, scrollWidth: document.documentElement.scrollWidth,
+            bodyScrollWidth: document.body.scrollWidth, culprits: culprits.slice(0, 8).map(describe)};
+}"""
+
+RAW_TEX_STATE = """() => {
+    const skip = 'pre, code, kbd, samp, script, style, textarea, .highlight, mjx-container, .cell_input, '
+               + '.cell_output .output pre, .output.text_plain, .MathJax, .math-wrapper script';
+    const walker = document.createTreeWalker(document.querySelector('article') || document.body,
+                                             NodeFilter.SHOW_TEXT);
+    const texts = [];
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const el = n.parentElement;
+        if (!el || el.closest(skip) || !n.textContent.trim()) continue;
+        if (!el.checkVisibility()) continue;
+        texts.push(n.textContent);
+    }
+    return texts;
+}"""
+
+# TeX a reader should never see: $...$ / $$ delimiters, \( \[ delimiters, and TeX commands.
+RAW_TEX = re.compile(r"\$\$|\$[^$\s](?:[^$]{0,200}?[^$\s])?\$(?!\d)|\\[(\[]|"
+                     r"\\(frac|dfrac|sqrt|sum|prod|int|partial|mathbb|"
+                     r"mathrm|mathbf|mathcal|operatorname|text|hat|bar|tilde|left|right|cdot|times|approx|"
+                     r"leq?|geq?|neq|infty|alpha|beta|gamma|delta|epsilon|varepsilon|sigma|mu|lambda|"
+                     r"theta|kappa|nabla|begin|end)(?![A-Za-z])")
+
+CODE_OVERFLOW_STATE = """() => {
+    const rows = [];
+    for (const pre of document.querySelectorAll('div.cell div.cell_input pre')) {
+        if (!pre.checkVisibility()) continue;   // input hidden (hide-input: inside a closed toggle)
+        if (pre.scrollWidth <= pre.clientWidth + 1) continue;
+        const lines = pre.textContent.split('\\n');
+        const longest = lines.reduce((a, b) => (b.length > a.length ? b : a), '');
+        rows.push({chars: longest.length, width: pre.clientWidth, scroll: pre.scrollWidth,
+                   line: longest.trim().slice(0, 60)});
+    }
+    return rows;
+}"""
+
+
+def check_no_sideways_scroll(reader: Reader) -> None:
+    state = reader.page.evaluate(SIDEWAYS_STATE)
+    assert state["scrollWidth"] <= state["width"] and state["bodyScrollWidth"] <= state["width"], (
+        f"the page scrolls sideways at {state['width']} px (content {state['scrollWidth']} px); "
+        f"sticking out: {state['culprits']}")
+
+
+def raw_tex(reader: Reader) -> list[str]:
+    """Snippets of TeX source left visible in the rendered text (outside code and typeset math)."""
+    found = []
+    for text in reader.page.evaluate(RAW_TEX_STATE):
+        for m in RAW_TEX.finditer(text):
+            found.append(text[max(0, m.start() - 30):m.end() + 30].replace("\n", " "))
+    return found
+
+
+def check_code_lines_fit(reader: Reader) -> None:
+    rows = reader.page.evaluate(CODE_OVERFLOW_STATE)
+    assert not rows, f"{len(rows)} visible code cell(s) scroll sideways at {WIDE['width']} px: " + "; ".join(
+        f"{r['chars']} chars, {r['scroll']} px in {r['width']} px: {r['line']!r}" for r in rows[:6])
+
+
+def test_raw_tex_finds_untypeset_math():
+    for text in ["where $x_i$ is", r"the ratio \frac{a}{b}", "$$", r"a \(x\) b", r"\gamma and"]:
+        assert RAW_TEX.search(text), text
+    for text in ["costs $5 and $6", "C:\\Users", r"a \n b", r"\textbf", "US$ 3"]:
+        assert not RAW_TEX.search(text), text
+
+
 # ----------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("docname", PAGES + EXTRA_PAGES)
@@ -301,6 +413,28 @@ def test_page_in_a_real_browser(reader, server, docname):
         check_buttons(reader, docname)
         check_next(reader, docname, server)
     assert not reader.problems, "\n".join(reader.problems)
+
+
+@pytest.mark.parametrize("docname", PAGES)
+def test_page_fits_a_phone(phone, server, docname):
+    """At 390 px the page does not scroll sideways: wide tables and display math scroll in their box."""
+    phone.open(f"{server}{docname}.html")
+    phone.page.screenshot(path=SHOTS / f"phone--{docname.replace('/', '__')}.png", full_page=False)
+    check_no_sideways_scroll(phone)
+    assert not phone.problems, "\n".join(phone.problems)
+
+
+@pytest.mark.parametrize("docname", PAGES)
+def test_no_tex_source_is_left_untypeset(reader, server, docname):
+    reader.open(f"{server}{docname}.html")
+    found = raw_tex(reader)
+    assert not found, f"TeX source visible in the text ({len(found)}): {found[:8]}"
+
+
+@pytest.mark.parametrize("docname", [p for p in PAGES if p.startswith("chapters/")])
+def test_no_visible_code_line_scrolls_at_1400px(wide, server, docname):
+    wide.open(f"{server}{docname}.html")
+    check_code_lines_fit(wide)
 
 
 def test_every_built_page_is_checked(site):
