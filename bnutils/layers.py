@@ -19,13 +19,10 @@ transforms (vmap, grad) are not supported by the Function.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from ._validate import check_eps, check_momentum
+from ._validate import check_momentum
 
 
 def _reduce_dims(ndim: int) -> tuple[int, ...]:
@@ -64,6 +61,72 @@ def _check_param(p, num_channels: int, name: str) -> None:
                          f"got {tuple(p.shape)}")
 
 
+def _channel_shape(x: Tensor) -> tuple[int, ...]:
+    """(1, C, 1, ...): per-channel vectors viewed to broadcast against x (N, C, *spatial)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def _shifted_statistics(xw: Tensor, shift: Tensor, dims: tuple[int, ...], m: int):
+    """Corrected two-pass statistics (Chan, Golub & LeVeque 1983) of xw (N, C, *spatial), M = m > 0.
+
+    ``shift`` (C,) is a first estimate of the mean, mean0 = sum(x) / M. The deviations
+    xc = xw - shift are exact when |mean| >> std, and their mean ``corr`` (C,) corrects the rounding
+    of mean0: mean = mean0 + corr, biased var = mean(xc^2) - corr^2 (C,). Returns
+    (xc, corr, var, xc^2). Ordinary ops, so autograd can differentiate it; the identities hold for
+    any constant shift, so a shift without gradient history leaves the gradients exact.
+    """
+    xc = xw - shift.view(_channel_shape(xw))
+    corr = _per_channel_sum(xc, dims) / m
+    sq = xc * xc
+    var = (_per_channel_sum(sq, dims) / m - corr * corr).clamp(min=0)
+    return xc, corr, var, sq
+
+
+def _backward_closed_form(x, weight, dout, mean0, corr, inv_std, m, need_dx=True):
+    """The fast backward (not differentiable): returns dx (N, C, *spatial; None unless ``need_dx``)
+    and dgamma, dbeta (C,).
+
+    xc = x - mean0 is recomputed rather than saved, so that only x is kept alive between forward
+    and backward (as torch's kernel does). No ``out=`` writes and in-place ops only on tensors
+    derived from dout: vmap can batch it (is_grads_batched, jacobian(vectorize=True)).
+    """
+    dims, shape = _reduce_dims(x.dim()), _channel_shape(x)
+    xc = x.to(mean0.dtype) - mean0.view(shape)
+    dout = dout.to(xc.dtype)
+    sum_dout = _per_channel_sum(dout, dims)  # = dbeta
+    sum_dout_xhat = (_per_channel_sum(dout * xc, dims) - corr * sum_dout) * inv_std  # = dgamma
+    if not need_dx:
+        return None, sum_dout_xhat, sum_dout
+    g = inv_std if weight is None else weight.to(xc.dtype) * inv_std  # gamma * inv_std
+    # gamma*inv_std/M * (M*dout - sum(dout) - xhat*sum(dout*xhat)) regrouped per channel as
+    # a*dout + b + c*xc, so that it takes two fused elementwise passes (addcmul).
+    c = -g * inv_std * sum_dout_xhat / max(m, 1)
+    b = -g * sum_dout / max(m, 1) - c * corr
+    dx = torch.addcmul(b.view(shape), dout, g.view(shape))
+    dx.addcmul_(xc, c.view(shape))
+    return dx, sum_dout_xhat, sum_dout
+
+
+def _backward_differentiable(x, weight, dout, mean0, eps, m):
+    """The same closed form from ordinary ops on the saved x, weight and dout, so that autograd can
+    differentiate it (double backward: gradient penalties, Hessian-vector products).
+
+    Recomputes the statistics from x with the forward's own shift mean0 (C,), so the values match
+    the forward's. Returns dx (N, C, *spatial), dgamma and dbeta (C,).
+    """
+    dims, shape = _reduce_dims(x.dim()), _channel_shape(x)
+    mm = max(m, 1)  # empty batch: all sums are 0
+    xc, corr, var, _ = _shifted_statistics(x.to(mean0.dtype), mean0, dims, mm)
+    inv_std = torch.rsqrt(var + eps)
+    xhat = (xc - corr.view(shape)) * inv_std.view(shape)
+    dout = dout.to(xc.dtype)
+    sum_dout = _per_channel_sum(dout, dims)
+    sum_dout_xhat = _per_channel_sum(dout * xhat, dims)
+    g = inv_std if weight is None else weight.to(xc.dtype) * inv_std
+    dx = g.view(shape) * (dout - (sum_dout.view(shape) + xhat * sum_dout_xhat.view(shape)) / mm)
+    return dx, sum_dout_xhat, sum_dout
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with the manual closed-form backward.
 
@@ -73,7 +136,8 @@ class BatchNormFunction(torch.autograd.Function):
     eps > 0. Returns ``out`` (x's shape and dtype) and the batch ``mean`` and *biased* ``var``
     (shape (C,), x's dtype or float32 for half-precision x; not differentiable), which a module
     uses to update its running statistics.
-    The backward pass is once differentiable (double backward raises).
+    The backward is differentiable: with ``create_graph=True`` it is built from ordinary ops
+    (double backward works); otherwise it takes the fast fused path.
     """
 
     @staticmethod
@@ -81,10 +145,9 @@ class BatchNormFunction(torch.autograd.Function):
         _check_input(x)
         _check_param(weight, x.shape[1], "weight")
         _check_param(bias, x.shape[1], "bias")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):  # (traceable by dynamo)
-            raise ValueError(f"eps must be a finite number > 0, got {eps}")
-        dims = _reduce_dims(x.dim())
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        if not isinstance(eps, (int, float)) or eps <= 0.0:  # (traceable by dynamo)
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        dims, shape = _reduce_dims(x.dim()), _channel_shape(x)
         m = x.numel() // x.shape[1] if x.shape[1] else 0
         cdt = _compute_dtype(x.dtype)
         xw = x.to(cdt)
@@ -94,56 +157,42 @@ class BatchNormFunction(torch.autograd.Function):
             var = torch.ones_like(mean0)
             scratch = torch.empty_like(xc)
         else:
-            # Corrected two-pass algorithm (Chan, Golub & LeVeque 1983). Pass 1: mean0. Pass 2:
-            # deviations xc = x - mean0 (exact when |mean| >> std) and their sum, which corrects
-            # the rounding of mean0: mean = mean0 + corr, var = mean(xc^2) - corr^2.
             mean0 = _per_channel_sum(xw, dims) / m
-            xc = xw - mean0.view(shape)
-            corr = _per_channel_sum(xc, dims) / m
-            # The squares go to a scratch buffer that is then reused for the output: one fresh
-            # x-sized tensor fewer (memory, and page faults when the allocator returns memory to the OS).
-            scratch = torch.mul(xc, xc)
-            var = (_per_channel_sum(scratch, dims) / m - corr * corr).clamp_(min=0)
+            # The squares are then reused as the output buffer: one fresh x-sized tensor fewer
+            # (memory, and page faults when the allocator returns memory to the OS).
+            xc, corr, var, scratch = _shifted_statistics(xw, mean0, dims, m)
         mean = mean0 + corr
         inv_std = torch.rsqrt(var + eps)
         scale = inv_std if weight is None else weight.to(cdt) * inv_std
         # out = gamma * (xc - corr) * inv_std + beta = xc * scale + (beta - corr * scale)
         shift = -corr * scale if bias is None else bias.to(cdt) - corr * scale
         out = torch.addcmul(shift.view(shape), xc, scale.view(shape), out=scratch)
-        ctx.save_for_backward(xc, corr, inv_std, weight)
-        ctx.m = m
-        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x, weight, mean0, corr, inv_std)
+        ctx.m, ctx.eps = m, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return out.to(x.dtype), mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout: Tensor, _dmean, _dvar):
-        xc, corr, inv_std, weight = ctx.saved_tensors  # xhat = (xc - corr) * inv_std
-        m = ctx.m
-        dims = _reduce_dims(xc.dim())
-        shape = (1, xc.shape[1]) + (1,) * (xc.dim() - 2)
-        dout = dout.to(xc.dtype)
-        sum_dout = _per_channel_sum(dout, dims)  # = dbeta
-        scratch = torch.mul(dout, xc)  # reused for dx below: one fresh x-sized tensor fewer
-        sum_dout_xhat = (_per_channel_sum(scratch, dims) - corr * sum_dout) * inv_std  # = dgamma
-        dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            g = inv_std if weight is None else weight.to(xc.dtype) * inv_std  # gamma * inv_std
-            # gamma*inv_std/M * (M*dout - sum(dout) - xhat*sum(dout*xhat)) regrouped per channel as
-            # a*dout + b + c*xc, so that it takes two fused elementwise passes (addcmul).
-            a = g
-            c = -g * inv_std * sum_dout_xhat / max(m, 1)
-            b = -g * sum_dout / max(m, 1) - c * corr
-            dx = torch.addcmul(b.view(shape), dout, a.view(shape), out=scratch)
-            dx.addcmul_(xc, c.view(shape))
-            dx = dx.to(ctx.x_dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            dweight = sum_dout_xhat.to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            dbias = sum_dout.to(ctx.bias_dtype)
+        x, weight, mean0, corr, inv_std = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must have a graph themselves
+            dx, dweight, dbias = _backward_differentiable(x, weight, dout, mean0, ctx.eps, ctx.m)
+        else:
+            dx, dweight, dbias = _backward_closed_form(x, weight, dout, mean0, corr, inv_std, ctx.m,
+                                                       ctx.needs_input_grad[0])
+        dx = dx.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None
+
+
+def _check_eps(eps, training: bool) -> None:
+    """torch's rule and messages (F.batch_norm): eps > 0 with batch statistics, else eps >= 0."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _check_training_batch(x: Tensor) -> None:
@@ -157,7 +206,7 @@ def _check_training_batch(x: Tensor) -> None:
 
 
 class _BatchNorm(nn.Module):
-    """Shared machinery of BatchNorm1d/2d: torch.nn's attributes, buffers and update rules."""
+    """Shared machinery of BatchNorm1d/2d/3d: torch.nn's attributes, buffers and update rules."""
 
     _version = 2  # torch's _NormBase version: 2 added num_batches_tracked
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
@@ -168,8 +217,7 @@ class _BatchNorm(nn.Module):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int (the number of channels C), "
                              f"got {num_features!r}")
-        check_eps(eps)
-        check_momentum(momentum)
+        check_momentum(momentum)  # (torch accepts any eps here and checks it in forward)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -221,8 +269,11 @@ class _BatchNorm(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = (self.num_batches_tracked if self.num_batches_tracked is not None
-                               else torch.tensor(0, dtype=torch.long))
+            # A module built on the meta device has no value to keep: substitute 0 (as torch), or
+            # load_state_dict(assign=True) would leave the counter on meta.
+            nbt = self.num_batches_tracked
+            keep = nbt is not None and nbt.device != torch.device("meta")
+            state_dict[key] = nbt if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -249,6 +300,7 @@ class _BatchNorm(nn.Module):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if use_batch_stats:
             _check_training_batch(x)
+            _check_eps(self.eps, training=True)
             out, mean, var = BatchNormFunction.apply(x, self.weight, self.bias, self.eps)
             update = self.training and self.track_running_stats and self.running_mean is not None
             if update and x.numel() > 0:
@@ -258,6 +310,7 @@ class _BatchNorm(nn.Module):
                     self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
                     self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
             return out
+        _check_eps(self.eps, training=False)
         return self._inference(x)
 
     def _inference(self, x: Tensor) -> Tensor:
@@ -295,3 +348,14 @@ class BatchNorm2d(_BatchNorm):
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm3d``: x is (N, C, D, H, W); statistics per channel C over N, D, H, W.
+
+    Same constructor, parameters, buffers, state_dict keys and rules as ``BatchNorm1d``.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 5:
+            raise ValueError(f"expected 5D input (got {x.dim()}D input)")

@@ -1,4 +1,4 @@
-"""bnutils.BatchNorm1d/2d and BatchNormFunction against torch.nn.BatchNorm1d/2d and gradcheck."""
+"""bnutils.BatchNorm1d/2d/3d and BatchNormFunction against torch.nn.BatchNorm1d/2d and gradcheck."""
 import pytest
 import torch
 from hypothesis import given
@@ -11,6 +11,7 @@ KINDS = {  # name -> (bnutils class, torch class, number of spatial dims)
     "1d": (bn.BatchNorm1d, torch.nn.BatchNorm1d, 0),
     "1d-seq": (bn.BatchNorm1d, torch.nn.BatchNorm1d, 1),
     "2d": (bn.BatchNorm2d, torch.nn.BatchNorm2d, 2),
+    "3d": (bn.BatchNorm3d, torch.nn.BatchNorm3d, 3),
 }
 TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 
@@ -180,12 +181,101 @@ def test_function_returns_batch_statistics():
     assert not mean.requires_grad and not var.requires_grad
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6), (3, 2, 2, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradgradcheck_function(shape, affine):
+    """Double backward (create_graph=True) against finite differences of the backward (float64)."""
+    gen = torch.Generator().manual_seed(2)
+    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = shape[1]
+    w = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    inputs = (x, w, b) if affine else (x,)
+
+    def f(x, w=None, b=None):
+        return BatchNormFunction.apply(x, w, b, 1e-3)[0]
+
+    assert torch.autograd.gradgradcheck(f, inputs, check_batched_grad=True)
+
+
+def gradient_penalty_step(layer, x, proj, head):
+    """WGAN-GP style penalty (|d critic / dx| - 1)^2 for the critic sum(head * layer(tanh(x @ proj))): BN's
+    output feeds the loss directly, so the gradient flowing into BN needs no grad itself.
+    Returns x.grad and the layer's parameter gradients."""
+    x = x.clone().requires_grad_()
+    critic = (layer(torch.tanh(x @ proj)) * head).sum()
+    (gx,) = torch.autograd.grad(critic, x, create_graph=True)
+    penalty = ((gx.norm(2, dim=1) - 1) ** 2).mean()
+    penalty.backward()
+    return x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradient_penalty_matches_torch(dtype):
+    """With a once-differentiable backward the penalty's gradient through BN was silently dropped."""
+    gen = torch.Generator().manual_seed(0)
+    x = 1 + 2 * torch.randn(16, 5, generator=gen, dtype=dtype)
+    proj = torch.randn(5, 4, generator=gen, dtype=dtype)
+    head = torch.randn(16, 4, generator=gen, dtype=dtype)  # per-sample critic weights
+    ours, ref = bn.BatchNorm1d(4, dtype=dtype), torch.nn.BatchNorm1d(4, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2, generator=gen)
+        ref.bias.normal_(generator=gen)
+    ours.load_state_dict(ref.state_dict())
+    got, expected = gradient_penalty_step(ours, x, proj, head), gradient_penalty_step(ref, x, proj, head)
+    for name, a, e in zip(("x.grad", "weight.grad", "bias.grad"), got, expected, strict=True):
+        assert_close(a, e, TOL[dtype] * 10, name)
+    assert expected[0].abs().sum() > 1  # the penalty really depends on x through BN
+
+
+def test_second_derivative_is_not_dropped():
+    """allow_unused=True used to return None for d(dx)/dx: the gradient had no graph."""
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     out = BatchNormFunction.apply(x, None, None, 1e-5)[0]
-    (gx,) = torch.autograd.grad((out**3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
-        gx.sum().backward()
+    (gx,) = torch.autograd.grad((out * torch.arange(18.0).view(6, 3)).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x, allow_unused=True)
+    xr = x.detach().clone().requires_grad_()
+    outr = torch.nn.functional.batch_norm(xr, None, None, training=True, eps=1e-5)
+    (gxr,) = torch.autograd.grad((outr * torch.arange(18.0).view(6, 3)).sum(), xr, create_graph=True)
+    (ggxr,) = torch.autograd.grad(gxr.pow(2).sum(), xr)
+    assert ggx is not None
+    torch.testing.assert_close(ggx, ggxr)
+
+
+# --- batched gradients: vmap over the backward (no out= writes in it) -------------------------------
+
+
+def bn_fn(x, w, b):
+    return BatchNormFunction.apply(x, w, b, 1e-5)[0]
+
+
+def test_gradcheck_batched_grad():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(bn_fn, (x, w, b), check_batched_grad=True)
+
+
+def test_is_grads_batched_and_vectorized_jacobian_match_torch():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def ref(x, w, b):
+        return torch.nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+
+    jac = torch.autograd.functional.jacobian(bn_fn, (x, w, b), vectorize=True)
+    jac_ref = torch.autograd.functional.jacobian(ref, (x, w, b), vectorize=True)
+    for j, jr in zip(jac, jac_ref, strict=True):
+        torch.testing.assert_close(j, jr)
+    xg = x.clone().requires_grad_()
+    grads = torch.randn(7, 4, 3, generator=gen, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(bn_fn(xg, w, b), xg, grads, is_grads_batched=True)
+    for k in range(7):
+        (one,) = torch.autograd.grad(bn_fn(xg, w, b), xg, grads[k])
+        torch.testing.assert_close(batched[k], one)
 
 
 def test_float32_large_mean_stays_accurate():
@@ -289,7 +379,8 @@ def test_drop_in_inside_a_trained_network():
 @pytest.mark.parametrize("kw", [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None},
                                 {"eps": 1e-3, "momentum": 0.3, "bias": False}])
 def test_repr_parameters_and_buffers_match_torch(kw):
-    pairs = [(bn.BatchNorm1d, torch.nn.BatchNorm1d), (bn.BatchNorm2d, torch.nn.BatchNorm2d)]
+    pairs = [(bn.BatchNorm1d, torch.nn.BatchNorm1d), (bn.BatchNorm2d, torch.nn.BatchNorm2d),
+             (bn.BatchNorm3d, torch.nn.BatchNorm3d)]
     for ours_cls, torch_cls in pairs:
         ours, ref = ours_cls(5, **kw), torch_cls(5, **kw)
         assert repr(ours).split("(", 1)[1] == repr(ref).split("(", 1)[1]
@@ -319,6 +410,28 @@ def test_old_state_dict_without_num_batches_tracked_loads():
     layer = bn.BatchNorm1d(3)
     layer.load_state_dict(sd)
     assert layer.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_meta_device_then_old_checkpoint_with_assign(momentum):
+    """Built on meta, loaded (assign=True) from a checkpoint without num_batches_tracked: the counter
+    becomes tensor(0) on the CPU, as torch substitutes, so training and saving work."""
+    sd = torch.nn.BatchNorm1d(3).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    x = torch.randn(8, 3)
+    results = []
+    for cls in (bn.BatchNorm1d, torch.nn.BatchNorm1d):
+        layer = cls(3, momentum=momentum, device="meta")
+        layer.load_state_dict(sd, assign=True)
+        assert layer.num_batches_tracked.device.type == "cpu" and layer.num_batches_tracked.item() == 0
+        out = layer(x)
+        assert all(t.device.type == "cpu" for t in layer.state_dict().values())
+        results.append((out, layer.state_dict()))
+    (out, state), (out_ref, state_ref) = results
+    torch.testing.assert_close(out, out_ref)
+    for key, value in state_ref.items():
+        torch.testing.assert_close(state[key], value)
 
 
 def test_device_and_dtype_arguments():
@@ -353,7 +466,9 @@ def test_one_value_per_channel_same_error_as_torch(ours_cls, torch_cls, shape):
 @pytest.mark.parametrize("ours_cls, torch_cls, shape", [
     (bn.BatchNorm1d, torch.nn.BatchNorm1d, (2, 3, 4, 4)), (bn.BatchNorm1d, torch.nn.BatchNorm1d, (3,)),
     (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4)),
-    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4, 4, 4))])
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4, 4, 4)),
+    (bn.BatchNorm3d, torch.nn.BatchNorm3d, (2, 3, 4, 4)),
+    (bn.BatchNorm3d, torch.nn.BatchNorm3d, (2, 3, 2, 2, 2, 2))])
 def test_input_dimension_same_error_as_torch(ours_cls, torch_cls, shape):
     x = torch.ones(shape)
     e_ours, e_ref = raised(lambda: ours_cls(3)(x)), raised(lambda: torch_cls(3)(x))
@@ -371,21 +486,42 @@ def test_other_input_errors():
         layer([[1.0, 2.0, 3.0]])
     with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
         BatchNormFunction.apply(torch.randn(4, 3), torch.ones(2), None, 1e-5)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training, but got 0.0"):
         BatchNormFunction.apply(torch.randn(4, 3), None, None, 0.0)
 
 
 @pytest.mark.parametrize("kw, err, words", [
-    ({"eps": 0}, ValueError, "eps must be a finite number > 0"),
-    ({"eps": -1e-5}, ValueError, "eps must be a finite number > 0"),
     ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\]"),
     ({"momentum": -0.1}, ValueError, r"momentum must be in \[0, 1\]"),
     ({"momentum": "0.1"}, TypeError, "momentum must be a float"),
 ])
 def test_constructor_errors(kw, err, words):
-    for cls in (bn.BatchNorm1d, bn.BatchNorm2d):
+    for cls in (bn.BatchNorm1d, bn.BatchNorm2d, bn.BatchNorm3d):
         with pytest.raises(err, match=words):
             cls(3, **kw)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+@pytest.mark.parametrize("track", [True, False])
+def test_eps_checked_in_forward_like_torch(eps, track):
+    """torch constructs the module with any eps; a training forward needs eps > 0, and eval with
+    running statistics eps >= 0 (so eps=0 works in eval). Same messages."""
+    x = torch.randn(4, 3)
+    ours, ref = bn.BatchNorm1d(3, eps=eps, track_running_stats=track), \
+        torch.nn.BatchNorm1d(3, eps=eps, track_running_stats=track)
+    for training in (True, False):
+        ours.train(training)
+        ref.train(training)
+        try:
+            expected = ref(x)
+        except ValueError as e:
+            with pytest.raises(ValueError) as info:
+                ours(x)
+            assert str(info.value) == str(e)
+        else:
+            torch.testing.assert_close(ours(x), expected)
+    assert ours.num_batches_tracked is None or \
+        ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
 @pytest.mark.parametrize("num_features", [0, -2, 2.5, True])
@@ -408,6 +544,23 @@ def test_memory_layouts(make):
     (gx_o,), (gx_r,) = torch.autograd.grad(ours(xo), xo, make(g)), torch.autograd.grad(ref(xr), xr, g)
     torch.testing.assert_close(gx_o, gx_r)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, shape, fmt", [
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (0, 3, 4, 5), torch.channels_last),
+    (bn.BatchNorm3d, torch.nn.BatchNorm3d, (0, 3, 2, 4, 5), torch.channels_last_3d),
+    (bn.BatchNorm2d, torch.nn.BatchNorm2d, (2, 3, 4, 5), torch.channels_last)])
+def test_channels_last_layout_of_output_and_gradient(ours_cls, torch_cls, shape, fmt):
+    """The output and the input gradient keep x's channels_last strides, as torch's, also for an
+    empty batch (the input gradient used to come back contiguous)."""
+    strides = []
+    for cls in (ours_cls, torch_cls):
+        x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+        y = cls(3)(x)
+        (gx,) = torch.autograd.grad(y, x, torch.randn(shape).contiguous(memory_format=fmt))
+        strides.append((y.stride(), gx.stride()))
+    assert strides[0] == strides[1]
+    assert strides[0][1] == torch.empty(shape).contiguous(memory_format=fmt).stride()
 
 
 def test_training_under_no_grad_updates_running_stats():
