@@ -28,7 +28,7 @@ from .functional import (
 )
 from .gradcheck import numerical_gradient, rel_error
 from .landscape import ProbeResult, probe_gradient_direction
-from .layers import BatchNorm1d, BatchNorm2d, BatchNormFunction
+from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormFunction
 from .models import Net, init_weights, make_cnn, make_mlp
 from .noisy_bn import NoisyBatchNorm1d, NoisyBatchNorm2d
 from .norms import (
@@ -49,7 +49,8 @@ from .sync_bn import SyncBatchNorm, SyncBatchNormFunction, convert_sync_batchnor
 from .training import History, Recorder, accuracy, recalibrate, train
 
 __all__ = [
-    "BNCache", "BN_COLOR", "BatchNorm1d", "BatchNorm2d", "BatchNormFunction", "NO_BN_COLOR", "PALETTE",
+    "BNCache", "BN_COLOR", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "NO_BN_COLOR",
+    "PALETTE",
     "batch_mean_var", "batchnorm_backward", "batchnorm_backward_fast", "batchnorm_forward",
     "batchnorm_inference", "binary_2d", "digits", "glue", "mnist1d", "numerical_gradient",
     "rel_error", "seed001_regression", "set_style", "setup_notebook", "update_running_stats",
