@@ -262,3 +262,29 @@ def test_no_built_page_contains_the_build_environment():
         if leaks:
             found[p.relative_to(HTML).as_posix()] = leaks
     assert not found, f"built files contain the build machine's environment: {found}"
+
+
+# ----------------------------------------------------------------------------- running it locally
+
+def test_readme_quick_start_names_python_311_and_the_cpu_wheel_before_the_first_command():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first_command = quick.index("```bash")
+    assert "PYTHON=python3.11" in quick
+    assert "download.pytorch.org/whl/cpu" in quick[:quick.index("```", first_command + 7)], \
+        "the first command must get torch's CPU wheel"
+
+
+def test_docs_no_longer_describe_the_removed_cpu_pinning():
+    for page in ("README.md", "running.md"):
+        text = (ROOT / page).read_text()
+        assert "bnutils.cpu" not in text and "BNUTILS_NATIVE_CPU" not in text, page
+        assert "make verify" in text, f"{page}: say how verification works now"
+
+
+def test_make_lab_runs_jupyterlab_from_the_pinned_environment():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^lab: \$\(STAMP\).*\n\t(.+)$", makefile, re.M)
+    assert recipe and "$(BIN)/jupyter lab" in recipe.group(1)
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pins.get("jupyterlab", "")), "pin jupyterlab exactly"
