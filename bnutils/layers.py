@@ -7,15 +7,16 @@ is the closed form of chapter 4,
     dx = gamma * inv_std / M * (M * dout - sum(dout) - xhat * sum(dout * xhat)),
     dgamma = sum(dout * xhat),  dbeta = sum(dout),
 
-with sums over the M = N * prod(spatial) values of each channel. ``BatchNorm1d`` and
-``BatchNorm2d`` wrap it in modules that are drop-ins for ``torch.nn.BatchNorm1d/2d``: the same
+with sums over the M = N * prod(spatial) values of each channel. The backward is itself
+differentiable (double backward, gradient penalties) and can be batched by vmap
+(``is_grads_batched``, ``jacobian(vectorize=True)``). ``BatchNorm1d``, ``BatchNorm2d`` and
+``BatchNorm3d`` wrap it in modules that are drop-ins for ``torch.nn.BatchNorm1d/2d/3d``: the same
 constructor, parameters, buffers and ``state_dict`` keys (a state dict loads in either direction),
 the same running-statistics rules and the same errors. NaN/inf in the input propagate to the
 whole channel they are in, as in torch. They also work under ``torch.compile``, which compiles the
 manual backward too. Differences from torch's modules: they are not subclasses of
 ``torch.nn.modules.batchnorm._BatchNorm`` (code that tests ``isinstance`` against it will not see
-them), the backward is once differentiable (double backward raises), and ``torch.func``
-transforms (vmap, grad) are not supported by the Function.
+them), and ``torch.func`` transforms of the forward (vmap, grad) are not supported by the Function.
 """
 from __future__ import annotations
 
