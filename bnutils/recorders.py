@@ -89,7 +89,11 @@ class LandscapeProbe(Recorder):
     ``lr * multipliers`` (the current learning rate). Leaves training unchanged (state restored).
 
     Keys: ``losses``, ``grad_dist`` (k, M); ``loss0``, ``grad_norm``, ``loss_range``,
-    ``grad_predictiveness``, ``beta_smoothness`` (k,). See :mod:`bnutils.landscape`.
+    ``grad_predictiveness``, ``beta_smoothness`` (k,); ``weight_norm`` (k, L), the l2 norm of each
+    weight layer's weight at the probe point. Raw-parameter probes are not scale-invariant: for a
+    layer followed by BN, weights c times larger give the same function with gradients 1/c and
+    curvature 1/c² as large, so compare them together with the weight norms. See
+    :mod:`bnutils.landscape`.
     """
 
     name = "landscape"
@@ -106,4 +110,6 @@ class LandscapeProbe(Recorder):
         self.rows.append({"losses": res.losses, "grad_dist": res.grad_dist, "loss0": res.loss0,
                           "grad_norm": res.grad_norm, "loss_range": res.loss_range,
                           "grad_predictiveness": res.grad_predictiveness,
-                          "beta_smoothness": res.beta_smoothness})
+                          "beta_smoothness": res.beta_smoothness,
+                          "weight_norm": np.array([float(torch.linalg.vector_norm(w.double()))
+                                                   for w in weight_snapshot(model)])})

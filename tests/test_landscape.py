@@ -159,6 +159,10 @@ def test_recorder_uses_lr_times_multipliers():
     np.testing.assert_array_equal(rec["losses"][0], res.losses)
     assert rec["loss_range"][0] == res.loss_range and rec["beta_smoothness"][0] == res.beta_smoothness
     assert rec["losses"].shape == (2, 2) and rec["loss0"][0] == h.train_loss[0]
+    # weight norms at the first probe: those of the initial weights (fc1, fc2)
+    expected = [float(torch.linalg.vector_norm(w.double())) for w in bn.weight_snapshot(ref)]
+    assert rec["weight_norm"].shape == (2, 2)
+    np.testing.assert_allclose(rec["weight_norm"][0], expected, rtol=1e-12)
 
 
 def test_bad_step_sizes():

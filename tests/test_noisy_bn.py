@@ -109,3 +109,50 @@ def test_constructor_takes_torch_arguments_with_torch_defaults(ours, theirs):
     assert {k: (v.shape, v.dtype) for k, v in a.state_dict().items()} == \
            {k: (v.shape, v.dtype) for k, v in b.state_dict().items()}
     assert a.bias is None and a.momentum is None and a.eps == 1e-3
+
+
+def test_drifting_noise_is_a_random_walk_of_mu_and_log_sigma():
+    layer, replay = bn.NoisyBatchNorm1d(3, seed=4, walk_step=0.05), torch.Generator().manual_seed(4)
+    assert layer.walk_mu_sigma() == pytest.approx((0.0, 1.125))
+    mu, log_sigma = 0.0, np.log(1.125)
+    for _ in range(5):
+        scale, shift, m, s = layer.draw_noise((400, 3))
+        step = torch.randn(2, generator=replay, dtype=torch.float64).numpy() * 0.05
+        mu, log_sigma = mu + step[0], log_sigma + bn.noisy_bn.WALK_LOG_STD_RATIO * step[1]
+        torch.empty((400, 3)).uniform_(0, 1, generator=replay)      # keep the replay in step
+        torch.empty((400, 3)).normal_(0, 1, generator=replay)
+        assert (m, s) == pytest.approx((mu, np.exp(log_sigma)), abs=1e-12)
+        assert shift.min() >= m - 0.1 - 1e-6 and shift.max() <= m + 0.1 + 1e-6
+        assert scale.mean().item() == pytest.approx(s, abs=0.03)
+    assert layer.walk_mu_sigma() == pytest.approx((mu, np.exp(log_sigma)))
+
+
+def test_drifting_layer_in_eval_mode_applies_the_current_state():
+    layer = bn.NoisyBatchNorm1d(4, seed=2, walk_step=0.3)
+    x = torch.randn(16, 4) * 2 + 1
+    for _ in range(3):
+        layer(x)
+    plain = twin_bn(layer)
+    layer.eval(), plain.eval()
+    mu, sigma = layer.walk_mu_sigma()
+    state = layer.generator.get_state()
+    torch.testing.assert_close(layer(x), plain(x) * sigma + mu)
+    assert torch.equal(layer.generator.get_state(), state)       # no noise drawn in eval mode
+    layer.eval_walk = False
+    assert torch.equal(layer(x), plain(x))
+    assert set(layer.state_dict()) == set(plain.state_dict())     # walk state is not persistent
+
+
+def test_preserved_state_restores_the_walk():
+    net = bn.make_mlp(5, 8, 2, 2, norm="noisy_bn", norm_kwargs={"walk_step": 0.1}, seed=0)
+    x = torch.randn(10, 5)
+    before = [m.walk_state.clone() for m in net.norms]
+    with bn.preserved_state(net):
+        net(x)
+        assert not torch.equal(net.norms[0].walk_state, before[0])
+    assert all(torch.equal(m.walk_state, b) for m, b in zip(net.norms, before, strict=True))
+
+
+def test_walk_step_is_validated():
+    with pytest.raises(ValueError, match="walk_step"):
+        bn.NoisyBatchNorm1d(3, walk_step=-1.0)
