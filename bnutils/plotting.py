@@ -49,6 +49,10 @@ def _inline_retina() -> None:
         return
     try:
         from matplotlib_inline.backend_inline import set_matplotlib_formats
+        from matplotlib_inline.config import InlineBackend
     except ImportError:
         return
+    # The backend's own setting too: when pyplot is first imported *after* this call, activating
+    # the inline backend re-selects the formats from InlineBackend.figure_formats.
+    InlineBackend.instance(parent=shell).figure_formats = {INLINE_FORMAT}
     set_matplotlib_formats(INLINE_FORMAT)

@@ -42,6 +42,23 @@ def test_inline_figures_are_drawn_at_twice_their_size_with_the_same_text(shell):
     assert abs(shown["width"] - 750) < 40 and abs(shown["height"] - 420) < 40, shown
 
 
+def test_retina_survives_the_inline_backend_activating_later(shell):
+    """A notebook may call setup_notebook() before its first pyplot import; activating the inline
+    backend then re-selects the figure formats, which must still be 2x."""
+    from matplotlib_inline import backend_inline
+
+    set_style()
+    backend_inline.configure_inline_support.current_backend = "unset"  # as in a fresh kernel
+    backend_inline.configure_inline_support(shell, "inline")
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    ax.plot([0, 1], [1, 0])
+    data, metadata = shell.display_formatter.format(fig)
+    plt.close(fig)
+    assert data["text/plain"] == "<Figure size 700x400 with 1 Axes>"
+    width, _ = png_size(data["image/png"])
+    assert width // 2 == metadata["image/png"]["width"]
+
+
 def test_style_keeps_figure_size_and_dpi():
     set_style()
     assert tuple(matplotlib.rcParams["figure.figsize"]) == (7.0, 4.0)
