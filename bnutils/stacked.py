@@ -7,7 +7,8 @@ mini-batches and its own learning rate. Member k computes exactly what the ``mak
 it was stacked from computes (up to float rounding), which the tests check member by member
 against ``bnutils.train``.
 
-Activations are (M, N, features): member, example, unit. Normalizations (``norm``, per member):
+Inputs, outputs and captured activations are (M, N, features): member, example, unit (inside,
+features come before examples, see ``forward``). Normalizations (``norm``, per member):
 "none", "bn" (batch norm), "gn" (group norm), "ln" (layer norm), "brn" (batch renorm, Ioffe 2017)
 and "gbn" (ghost batch norm), with the semantics of torch's and bnutils' modules. Modes of a
 forward pass: "train" (batch statistics; running statistics updated), "eval" (running statistics)
@@ -92,7 +93,9 @@ class _Norm(nn.Module):
     def factor(self, sl: slice) -> float:
         """The weight of the next batch statistic (momentum, or 1/count for a cumulative average)."""
         self.num_batches_tracked[sl] += 1
-        return 1.0 / float(self.num_batches_tracked[sl.start]) if self.momentum is None else self.momentum
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / float(self.num_batches_tracked[sl.start])
 
 
 class StackedMLP(nn.Module):
@@ -183,16 +186,22 @@ class StackedMLP(nn.Module):
             raise ValueError("from_nets needs at least one network")
         specs = [_describe(net) for net in nets]
         shape = specs[0]["shape"]
+        positions = {s["norm_position"] for s in specs if s["norm"] != "none"} or {"before"}
         for k, spec in enumerate(specs):
-            if spec["shape"] != shape or spec["norm_position"] != specs[0]["norm_position"]:
-                raise ValueError(f"nets[{k}] has layer widths {spec['shape']} ({spec['norm_position']}), "
-                                 f"nets[0] {shape} ({specs[0]['norm_position']}): members need one shape")
-        opts = next((s["options"] for s in specs if s["options"]), {})
-        if any(s["options"] and s["options"] != opts for s in specs):
-            raise ValueError("the networks' normalizations differ in eps/momentum/groups/..., "
-                             "which the members of a StackedMLP share")
+            if spec["shape"] != shape:
+                raise ValueError(f"nets[{k}] has layer widths {spec['shape']}, nets[0] {shape}: the members "
+                                 f"of a StackedMLP need one shape")
+        if len(positions) > 1:
+            raise ValueError("the networks put their norms at different places (before and after the "
+                             "activation); a StackedMLP needs one norm_position")
+        opts: dict = {}
+        for spec in specs:  # settings such as eps or momentum are shared by all members
+            for key, value in spec["options"].items():
+                if opts.setdefault(key, value) != value:
+                    raise ValueError(f"the networks' normalizations differ in {key} ({opts[key]} and "
+                                     f"{value}); the members of a StackedMLP share it")
         model = cls(len(nets), shape[0], list(shape[1:-1]), shape[-1], norm=[s["norm"] for s in specs],
-                    activation=[s["activation"] for s in specs], norm_position=specs[0]["norm_position"],
+                    activation=[s["activation"] for s in specs], norm_position=positions.pop(),
                     **opts).to(next(nets[0].parameters()).dtype)
         for k, net in enumerate(nets):
             model.load_member(k, net.state_dict())
@@ -264,31 +273,34 @@ class StackedMLP(nn.Module):
         mode = ("train" if self.training else "eval") if mode is None else mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        # Inside, activations are (M, features, N): the batch of one unit of one member is a
+        # contiguous row, so batch norm of all members is one F.batch_norm call without copies.
         h = self._stacked_input(x)
         for i, fc in enumerate(self.layers[:-1], start=1):
-            h = torch.baddbmm(fc.bias.unsqueeze(1), h, fc.weight.transpose(1, 2))
+            h = torch.baddbmm(fc.bias.unsqueeze(2), fc.weight, h)
             if self.norm_position == "before":
                 h = self._normalize(h, i, mode)
             a = self._activate(h)
             if capture is not None:
-                capture.append((h.detach(), a.detach()))
+                capture.append((h.detach().transpose(1, 2), a.detach().transpose(1, 2)))
             h = a if self.norm_position == "before" else self._normalize(a, i, mode)
-        return torch.baddbmm(self.out.bias.unsqueeze(1), h, self.out.weight.transpose(1, 2))
+        return torch.baddbmm(self.out.bias.unsqueeze(2), self.out.weight, h).transpose(1, 2)
 
     def _stacked_input(self, x) -> Tensor:
+        """x (N, in) or (M, N, in) -> (M, in, N)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (N, in) or (M, N, in), "
                             f"got {type(x).__name__}")
-        d_in, m = self.fc1.weight.shape[2] if self.depth else self.out.weight.shape[2], self.num_members
+        d_in, m = self.layers[0].weight.shape[2], self.num_members
         if x.dim() == 2 and x.shape[1] == d_in:
-            return x.expand(m, *x.shape)
+            return x.t().contiguous().expand(m, d_in, len(x))
         if x.dim() == 3 and x.shape[0] == m and x.shape[2] == d_in:
-            return x
+            return x.transpose(1, 2)
         raise ValueError(f"x must have shape (N, {d_in}) or ({m}, N, {d_in}) (members, examples, features), "
                          f"got {tuple(x.shape)}")
 
     def _activate(self, h: Tensor) -> Tensor:
-        runs = _runs(self.activations)
+        runs = _runs(self.activations)  # recomputed per call: members()/users may change the lists
         fns = [ACTIVATIONS[a] if isinstance(a, str) else a for a, _ in runs]
         if len(runs) == 1:
             return fns[0](h)
@@ -303,45 +315,46 @@ class StackedMLP(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _norm_run(self, z: Tensor, kind: str, sl: slice, layer: _Norm, mode: str) -> Tensor:
-        """Normalize z (m, N, width), the members ``sl`` that all use norm ``kind``."""
-        m, n, width = z.shape
-        gamma, beta = layer.weight[sl], layer.bias[sl]
+        """Normalize z (m, width, N), the members ``sl`` that all use norm ``kind``."""
         if kind == "none":
             return z
-        if kind == "ln":
-            return F.layer_norm(z, (width,), eps=self.eps) * gamma.unsqueeze(1) + beta.unsqueeze(1)
+        m, width, n = z.shape
+        gamma, beta = layer.weight[sl].unsqueeze(2), layer.bias[sl].unsqueeze(2)
+        if kind == "ln":  # over the units of one example
+            return F.layer_norm(z.transpose(1, 2), (width,), eps=self.eps).transpose(1, 2) * gamma + beta
         if kind == "gn":
-            y = F.group_norm(z.reshape(m * n, width), self.groups(width), eps=self.eps).view(m, n, width)
-            return y * gamma.unsqueeze(1) + beta.unsqueeze(1)
+            y = F.group_norm(z.transpose(1, 2).reshape(m * n, width), self.groups(width), eps=self.eps)
+            return y.view(m, n, width).transpose(1, 2) * gamma + beta
         if kind == "brn":
-            return self._renorm(z, sl, layer, mode) * gamma.unsqueeze(1) + beta.unsqueeze(1)
-        chunks = [z] if kind == "bn" or mode == "eval" else torch.split(z, self.ghost_batch_size, dim=1)
-        return torch.cat([self._batch_norm(c, sl, layer, mode) for c in chunks], 1)
+            return self._renorm(z, sl, layer, mode) * gamma + beta
+        if kind == "bn" or mode == "eval":
+            return self._batch_norm(z, sl, layer, mode)
+        chunks = torch.split(z, self.ghost_batch_size, dim=2)  # ghost batches: consecutive examples
+        return torch.cat([self._batch_norm(c, sl, layer, mode) for c in chunks], 2)
 
     def _batch_norm(self, z: Tensor, sl: slice, layer: _Norm, mode: str) -> Tensor:
-        """torch's batch norm on every unit of every member: the columns of an (N, m * width) matrix."""
-        m, n, width = z.shape
+        """torch's batch norm on every unit of every member: the m * width channels of (1, m * width, N)."""
+        m, width, n = z.shape
         stats = (None, None) if mode == "batch" else (layer.running_mean[sl].view(-1),
                                                       layer.running_var[sl].view(-1))
         factor = layer.factor(sl) if mode == "train" else 0.0
-        y = F.batch_norm(z.transpose(0, 1).reshape(n, m * width), *stats, layer.weight[sl].reshape(-1),
-                         layer.bias[sl].reshape(-1), mode != "eval", factor, self.eps)
-        return y.view(n, m, width).transpose(0, 1)
+        return F.batch_norm(z.reshape(1, m * width, n), *stats, layer.weight[sl].reshape(-1),
+                            layer.bias[sl].reshape(-1), mode != "eval", factor, self.eps).view(m, width, n)
 
     def _renorm(self, z: Tensor, sl: slice, layer: _Norm, mode: str) -> Tensor:
         """Batch renorm as bnutils.BatchRenorm (r, d are constants in backprop)."""
-        mu, sigma = layer.running_mean[sl].unsqueeze(1), layer.running_std[sl].unsqueeze(1)
+        mu, sigma = layer.running_mean[sl].unsqueeze(2), layer.running_std[sl].unsqueeze(2)
         if mode == "eval":
             return (z - mu) / sigma
-        var, mean = torch.var_mean(z, 1, correction=0, keepdim=True)
+        var, mean = torch.var_mean(z, 2, correction=0, keepdim=True)
         std = torch.sqrt(var + self.eps)
         with torch.no_grad():
             r = (std / sigma).clamp(1.0 / self.rmax, self.rmax)
             d = ((mean - mu) / sigma).clamp(-self.dmax, self.dmax)
-        if mode == "train":
-            f = layer.factor(sl)
-            layer.running_mean[sl] += f * (mean.squeeze(1) - layer.running_mean[sl])
-            layer.running_std[sl] += f * (std.squeeze(1) - layer.running_std[sl])
+            if mode == "train":
+                f = layer.factor(sl)
+                layer.running_mean[sl] += f * (mean.squeeze(2) - layer.running_mean[sl])
+                layer.running_std[sl] += f * (std.squeeze(2) - layer.running_std[sl])
         return (z - mean) / std * r + d
 
     def extra_repr(self) -> str:
@@ -357,7 +370,7 @@ def _describe(net: nn.Module) -> dict:
     from .noisy_bn import NoisyBatchNorm1d
 
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    if not linears or any(isinstance(m, nn.modules.conv._ConvNd) for m in net.modules()):
         raise TypeError(f"expected a make_mlp network (nn.Linear layers), got {type(net).__name__}")
     shape = (linears[0].in_features, *[lin.out_features for lin in linears])
     names = [name for name, _ in net.named_children()]
@@ -491,7 +504,7 @@ class StackedHistory:
 
 def _rate_function(lr, m: int) -> Callable[[int, str], float | Tensor]:
     """lr -> a function (step, parameter name) -> a number or an (m,) tensor of rates."""
-    def checked(value):
+    def checked(value, full_check=True):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"learning rates must be finite numbers >= 0, got {value!r}")
@@ -499,15 +512,15 @@ def _rate_function(lr, m: int) -> Callable[[int, str], float | Tensor]:
         t = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value, dtype=np.float64))
         if t.dim() == 0:
             return checked(float(t))
-        if t.dim() != 1 or len(t) != m or not t.is_floating_point() and t.dtype != torch.long:
+        if t.dim() != 1 or len(t) != m or not t.is_floating_point():
             raise ValueError(f"lr must be a number or {m} numbers (one per member), "
-                             f"got shape {tuple(t.shape)}")
-        if not (torch.isfinite(t).all() and (t >= 0).all()):
+                             f"got {t.dtype} of shape {tuple(t.shape)}")
+        if full_check and not (torch.isfinite(t).all() and (t >= 0).all()):
             raise ValueError(f"learning rates must be finite numbers >= 0, got {t.tolist()}")
         return t
 
-    if callable(lr):
-        return lambda step, name: checked(lr(step, name))
+    if callable(lr):  # tensors are checked in full at step 0 only: the check costs more than the update
+        return lambda step, name: checked(lr(step, name), full_check=step == 0)
     fixed = checked(lr)
     return lambda step, name: fixed
 
@@ -540,9 +553,8 @@ def _epoch_orders(shuffle, m: int, n: int) -> Callable[[int], Tensor | None]:
 
 def _member_loss(loss: str | Callable) -> Callable[[Tensor, Tensor], Tensor]:
     """(logits (m, N, out), targets (m, N[, out])) -> (m,) losses, each the mean over its batch."""
-    if loss == "cross_entropy":
-        return lambda out, y: F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
-                                              reduction="none").view(y.shape).mean(1)
+    if loss == "cross_entropy":  # classes on dim 1: StackedMLP's logits are a view of (m, out, N)
+        return lambda out, y: F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
     if loss == "mse":
         return lambda out, y: ((out.reshape(y.shape) if out.numel() == y.numel() else out) - y
                                ).square().flatten(1).mean(1)
@@ -607,10 +619,15 @@ def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, 
         raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
     X_tr, y_tr, X_te, y_te = _as_tensors(data, loss)  # checks, and the labels' dtype
     dtype = model.out.weight.dtype  # inputs in the model's dtype, without a detour through float32
-    X_tr, X_te = (None if a is None else torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
-                  .to(dtype) for a in (data[0], data[2] if len(data) == 4 else None))
-    if loss in ("mse", "bce"):
-        y_tr, y_te = y_tr.to(dtype), None if y_te is None else y_te.to(dtype)
+
+    def in_model_dtype(a):
+        if a is None:
+            return None
+        return (a if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a))).to(dtype)
+
+    X_tr, X_te = in_model_dtype(data[0]), in_model_dtype(data[2] if len(data) == 4 else None)
+    if loss in ("mse", "bce"):  # float targets in the model's dtype too
+        y_tr, y_te = in_model_dtype(data[1]), in_model_dtype(data[3] if len(data) == 4 else None)
     n, m = len(X_tr), model.num_members
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} is larger than the training set ({n} examples)")
@@ -700,7 +717,9 @@ def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, 
 
 
 def _active_rates(value, active: np.ndarray):
-    return value[torch.as_tensor(active)] if isinstance(value, Tensor) else value
+    if not isinstance(value, Tensor) or len(active) == len(value):  # (nobody stopped: no gather)
+        return value
+    return value[torch.as_tensor(active)]
 
 
 def _without_stopped(work: StackedMLP, keep: np.ndarray, opt: _StackedOptimizer) -> StackedMLP:
