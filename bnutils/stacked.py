@@ -351,10 +351,11 @@ class StackedMLP(nn.Module):
         with torch.no_grad():
             r = (std / sigma).clamp(1.0 / self.rmax, self.rmax)
             d = ((mean - mu) / sigma).clamp(-self.dmax, self.dmax)
-            if mode == "train":
-                f = layer.factor(sl)
-                layer.running_mean[sl] += f * (mean.squeeze(2) - layer.running_mean[sl])
-                layer.running_std[sl] += f * (std.squeeze(2) - layer.running_std[sl])
+            if mode == "train":  # through .data: the buffers' other rows are saved by other members'
+                f = layer.factor(sl)  # F.batch_norm, which must not see them modified (it does not use them)
+                running_mean, running_std = layer.running_mean.data, layer.running_std.data
+                running_mean[sl] += f * (mean.squeeze(2) - running_mean[sl])
+                running_std[sl] += f * (std.squeeze(2) - running_std[sl])
         return (z - mean) / std * r + d
 
     def extra_repr(self) -> str:

@@ -94,6 +94,21 @@ def test_members_train_like_single_networks(norm, optimizer):
         assert history.member(k).test_acc[-1] == accuracy(net, data[2], data[3])
 
 
+def test_a_mixed_stack_trains_each_member_like_its_single_network():
+    data = toy_data()
+    kinds = ["bn", "brn", "ln", "gbn", "bn", "none", "gn"]  # any order, norms with running statistics mixed
+    nets = [bnutils.make_mlp(6, 8, 3, 2, norm=NORMS[k], seed=i,
+                             norm_kwargs={"num_groups": 2} if k == "gn" else None).double()
+            for i, k in enumerate(kinds)]
+    model = StackedMLP.from_nets(copy.deepcopy(nets))
+    history = train_stacked(model, data, lr=0.1, steps=8, batch_size=10, shuffle=list(range(7)), momentum=0.5,
+                            eval_every=4)
+    for k, net in enumerate(nets):
+        losses = reference_train(net, data, lr=0.1, steps=8, batch_size=10, seed=k, momentum=0.5)
+        np.testing.assert_allclose(history.train_loss[:, k], losses, **TIGHT)
+        assert_member_equals(model, k, net)
+
+
 def test_float32_members_match_bnutils_train():
     data = bnutils.digits()
     nets = [bnutils.make_mlp(64, 16, 10, 2, norm="bn", seed=s) for s in (0, 1)]
