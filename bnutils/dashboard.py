@@ -151,7 +151,8 @@ class DashboardRecorder(Recorder):
                  saturation_every: int = 10, total_steps: int | None = None, every: int = 1,
                  train_mode: bool = True, name: str | None = None):
         super().__init__(every, name)
-        if not isinstance(saturation_every, int) or isinstance(saturation_every, bool) or saturation_every < 1:
+        se = saturation_every
+        if isinstance(se, bool) or not isinstance(se, int) or se < 1:
             raise ValueError(f"saturation_every must be a positive int, got {saturation_every!r}")
         self.x, self.y = x, y
         self.hist_steps = {int(s) for s in hist_steps}
