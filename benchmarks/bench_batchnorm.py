@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 import torch
@@ -34,6 +35,30 @@ def fmt_ms(t: bench.Timing) -> str:
 
 def fmt_iqr(t: bench.Timing) -> str:
     return f"{t.q1 * 1e3:.1f}-{t.q3 * 1e3:.1f}"
+
+
+def time_rounds(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of every fn, called round-robin (one call of each per round): {name: samples}.
+
+    Like ``bench.time_interleaved``, but keeps the samples, so that a variant can be compared with
+    its baseline round by round (``paired_ratio``).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def paired_ratio(samples: list[float], base: list[float]) -> float:
+    """Median over rounds of (variant time / baseline time in the same round): the two calls of a
+    round ran back to back, so a load change on a shared machine hits both alike."""
+    return float(np.median(np.asarray(samples) / np.asarray(base)))
 
 
 def torch_variants(shape, compile_: bool):
@@ -88,21 +113,22 @@ def numpy_variants(shape):
 def main_table(shape, bandwidth, repeats, compile_):
     tv, checks = torch_variants(shape, compile_)
     nv, np_err = numpy_variants(shape)
-    timings = bench.time_interleaved({**nv, **tv}, repeats=repeats, warmup=3)
+    samples = time_rounds({**nv, **tv}, repeats=repeats, warmup=3)
+    timings = {name: bench.Timing.from_samples(s) for name, s in samples.items()}
     nbytes = {"backward": bench.bn_bytes_moved(shape, 4, "backward"),
               "forward+backward": bench.bn_bytes_moved(shape, 4, "forward+backward")}
-    base_np = timings["NumPy closed-form backward"]
-    base_t = timings["torch F.batch_norm (eager)"]
+    base_np, base_t = "NumPy closed-form backward", "torch F.batch_norm (eager)"
     rows = []
     for name, t in timings.items():
         pass_ = "backward" if name.startswith("NumPy") else "forward+backward"
         base = base_np if name.startswith("NumPy") else base_t
         frac = bench.bandwidth_fraction(nbytes[pass_], t.median, bandwidth)
         rows.append([name, pass_, fmt_ms(t), fmt_iqr(t), f"{t.min * 1e3:.2f}",
-                     f"{t.median / base.median:.2f}x", f"{t.min / base.min:.2f}x",
+                     f"{paired_ratio(samples[name], samples[base]):.2f}x",
+                     f"{t.median / timings[base].median:.2f}x", f"{t.min / timings[base].min:.2f}x",
                      f"{nbytes[pass_] / 2**20:.0f}", f"{nbytes[pass_] / t.median / 1e9:.1f}", f"{frac:.0%}"])
-    headers = ["variant", "pass", "median ms", "IQR ms", "min ms", "ratio", "ratio of mins", "MiB moved",
-               "GB/s", "of copy BW"]
+    headers = ["variant", "pass", "median ms", "IQR ms", "min ms", "paired ratio", "ratio of medians",
+               "ratio of mins", "MiB moved", "GB/s", "of copy BW"]
     print(f"\n## {shape} float32  (ratios: NumPy vs NumPy closed-form; torch vs torch F.batch_norm eager)")
     print(bench.format_table(rows, headers))
     print(f"checks, max |difference| / max |reference| over (dx, dgamma, dbeta): staged vs closed-form "
