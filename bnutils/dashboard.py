@@ -284,7 +284,7 @@ def plot_dashboard(records: Mapping[str, DashboardRecord], *, step: int | None =
     that covers 99.5% of the values, the tails beyond it are not drawn),
     saturation per layer over training (%), and log10 update:data ratio per weight layer over
     updates (running mean over ``smooth`` updates) with the 1e-3 guide line. Layers are coloured
-    from the colour-blind-safe ``bnutils.PALETTE`` (layer 1 darkest legend entry first). Returns
+    from the colour-blind-safe ``bnutils.PALETTE``, alternately solid and dashed. Returns
     the matplotlib Figure.
     """
     import matplotlib.pyplot as plt
@@ -300,11 +300,12 @@ def plot_dashboard(records: Mapping[str, DashboardRecord], *, step: int | None =
                             f"got {type(r).__name__}")
     recs = list(records.items())
     ncols = len(recs)
-    fig, axes = plt.subplots(4, ncols, figsize=figsize or (4.2 * ncols + 1.2, 12.5), squeeze=False,
+    fig, axes = plt.subplots(4, ncols, figsize=figsize or (3.6 * ncols + 1.4, 11.5), squeeze=False,
                              sharey="row")
     n_layers = max(len(r.layer_names) for _, r in recs)
     n_weights = max(len(r.weight_layer_names) for _, r in recs)
     colors = [PALETTE[i % len(PALETTE)] for i in range(max(n_layers, n_weights))]
+    styles = ["-" if i % 2 == 0 else (0, (4, 1.5)) for i in range(len(colors))]  # neighbours differ twice
 
     steps_used = [r.hist_steps[-1] if step is None else step for _, r in recs]
     # gradients have long tails: one symmetric range for every panel, covering 99.5% of the values
@@ -321,8 +322,7 @@ def plot_dashboard(records: Mapping[str, DashboardRecord], *, step: int | None =
             ax = axes[row, col]
             for i, c in enumerate(counts):
                 frac = c / max(c.sum(), 1)
-                ax.plot(centers, frac, color=colors[i], lw=1.5,
-                        label=f"{r.layer_names[i]}")
+                ax.plot(centers, frac, color=colors[i], ls=styles[i], lw=1.5, label=r.layer_names[i])
             what = "activation output" if kind == "activations" else "∂L/∂activation"
             ax.set_title(f"{title}: {kind} at step {s}")
             ax.set_xlabel(what)
@@ -330,7 +330,7 @@ def plot_dashboard(records: Mapping[str, DashboardRecord], *, step: int | None =
                 ax.set_ylabel("fraction of values per bin")
         ax = axes[2, col]
         for i in range(r.saturation.shape[1]):
-            ax.plot(r.saturation_steps, 100 * r.saturation[:, i], color=colors[i], lw=1.5,
+            ax.plot(r.saturation_steps, 100 * r.saturation[:, i], color=colors[i], ls=styles[i], lw=1.5,
                     label=r.layer_names[i])
         ax.set_title(f"{title}: saturation")
         ax.set_xlabel("update step")
@@ -341,7 +341,7 @@ def plot_dashboard(records: Mapping[str, DashboardRecord], *, step: int | None =
         sm = _smooth(lr_log, smooth)
         x = r.update_steps[len(r.update_steps) - len(sm):] if len(sm) else r.update_steps[:0]
         for i in range(sm.shape[1] if sm.ndim == 2 else 0):
-            ax.plot(x, sm[:, i], color=colors[i], lw=1.5, label=r.weight_layer_names[i])
+            ax.plot(x, sm[:, i], color=colors[i], ls=styles[i], lw=1.5, label=r.weight_layer_names[i])
         ax.axhline(np.log10(UPDATE_RATIO_GUIDE), color="black", ls="--", lw=1.2, label="1e-3 guide")
         ax.set_title(f"{title}: update:data ratio")
         ax.set_xlabel("update step")
