@@ -17,7 +17,7 @@ from . import layers
 # layer type -> the BN input rank its output has: Linear (N, F) -> BatchNorm1d, Conv2d -> BatchNorm2d, ...
 _LAYER_BN_DIM = {nn.Linear: 1, nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BN_DIM = {nn.BatchNorm1d: 1, layers.BatchNorm1d: 1, nn.BatchNorm2d: 2, layers.BatchNorm2d: 2,
-           nn.BatchNorm3d: 3}
+           nn.BatchNorm3d: 3, layers.BatchNorm3d: 3}
 
 
 def fold_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
@@ -25,13 +25,13 @@ def fold_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
     ``layer``: ``nn.Linear`` (followed by a BatchNorm1d on its (N, out_features) output) or
     ``nn.Conv1d/2d/3d`` (followed by BatchNorm1d/2d/3d), with or without bias, any stride, padding,
-    dilation and groups. ``bn``: torch's or bnutils' BatchNorm1d/2d (torch's BatchNorm3d too) or a subclass,
+    dilation and groups. ``bn``: torch's or bnutils' BatchNorm1d/2d/3d or a subclass,
     in eval mode, with running statistics. The arithmetic is done in float64 and cast back to the
     layer's dtype. The returned layer always has a bias and has the same training flag as ``layer``.
     """
     bn_dim = next((d for cls, d in _BN_DIM.items() if isinstance(bn, cls)), None)
     if bn_dim is None:
-        raise TypeError(f"bn must be a torch.nn.BatchNorm1d/2d/3d or bnutils.BatchNorm1d/2d, "
+        raise TypeError(f"bn must be a torch.nn or bnutils BatchNorm1d/2d/3d, "
                         f"got {type(bn).__name__}")
     layer_dim = next((d for cls, d in _LAYER_BN_DIM.items() if isinstance(layer, cls)), None)
     if layer_dim is None:

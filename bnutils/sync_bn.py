@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .layers import _BatchNorm, _check_input, _compute_dtype, _reduce_dims
+from .layers import _BatchNorm, _check_eps, _check_input, _compute_dtype, _reduce_dims
 
 
 def _world(group) -> int:
@@ -170,6 +170,7 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         _check_input(x, self.num_features)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        _check_eps(self.eps, use_batch_stats)  # torch's rule: eps > 0 with batch statistics, else >= 0
         if not use_batch_stats:
             return self._inference(x)
         factor = 0.0

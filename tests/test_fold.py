@@ -110,6 +110,10 @@ def test_fold_conv1d_and_conv3d():
     norm3(torch.randn(3, 4, 2, 2, 2, dtype=torch.float64) * 2 + 1)
     assert_folded_equal(nn.Conv3d(2, 4, 2, dtype=torch.float64), norm3.eval(),
                         torch.randn(2, 2, 4, 4, 4, dtype=torch.float64), tol=1e-12)
+    ours3 = bn.BatchNorm3d(4, dtype=torch.float64)
+    ours3.load_state_dict(norm3.state_dict())
+    assert_folded_equal(nn.Conv3d(2, 4, 2, dtype=torch.float64), ours3.eval(),
+                        torch.randn(2, 2, 4, 4, 4, dtype=torch.float64), tol=1e-12)
 
 
 def test_folded_network_matches_in_eval():

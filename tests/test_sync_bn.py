@@ -278,3 +278,15 @@ def _rank_plus_sum(rank, world_size):
     t = torch.ones(1)
     dist.all_reduce(t)
     return float(t) + rank - 1
+
+
+def test_eps_is_checked_in_forward_as_torch_does():
+    """torch accepts any eps at construction; a forward with batch statistics needs eps > 0, eval eps >= 0."""
+    layer = SyncBatchNorm(3, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        layer(torch.randn(4, 3))
+    layer.eval()
+    assert torch.isfinite(layer(torch.randn(4, 3))).all()
+    layer.eps = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        layer(torch.randn(4, 3))
