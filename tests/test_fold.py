@@ -154,7 +154,7 @@ def test_channel_mismatch(layer, norm):
 @pytest.mark.parametrize("layer, norm, words", [
     (nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4), "layer must be a torch.nn.Linear, Conv1d, Conv2d"),
     (nn.ReLU(), nn.BatchNorm1d(4), "layer must be a torch.nn.Linear"),
-    (nn.Linear(3, 4), nn.LayerNorm(4), "bn must be a torch.nn.BatchNorm1d/2d/3d or bnutils"),
+    (nn.Linear(3, 4), nn.LayerNorm(4), "bn must be a torch.nn or bnutils BatchNorm1d/2d/3d"),
     (nn.Linear(3, 4), nn.BatchNorm2d(4), "a Linear must be followed by a BatchNorm1d"),
     (nn.Conv2d(3, 4, 3), bn.BatchNorm1d(4), "a Conv2d must be followed by a BatchNorm2d"),
 ])
