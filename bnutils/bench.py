@@ -40,25 +40,32 @@ def _check_counts(repeats: int, warmup: int) -> None:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
 
 
-def time_median(fn: Callable[[], object], repeats: int = 25, warmup: int = 3) -> Timing:
-    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the Timing."""
+def time_median(fn: Callable[[], object], repeats: int = 25, warmup: int = 3,
+                clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times timed; return the Timing.
+
+    ``clock``: wall time by default; ``time.thread_time`` counts only the CPU time of the calling
+    thread, which a busy machine does not inflate by preempting it (for single-threaded work).
+    """
     _check_counts(repeats, warmup)
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(clock() - start)
     return Timing.from_samples(samples)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 25,
-                     warmup: int = 3) -> dict[str, Timing]:
+                     warmup: int = 3,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, Timing]:
     """Time several variants side by side: each round calls every ``fn`` once, in turn.
 
     Interleaving makes the comparison fair on a machine whose load drifts (other processes):
-    all variants see the same conditions. Returns {name: Timing} in the order given.
+    all variants see the same conditions. Returns {name: Timing} in the order given. ``clock`` as
+    in :func:`time_median` (``time.thread_time`` for CPU time of single-threaded work).
     """
     _check_counts(repeats, warmup)
     for _ in range(warmup):
@@ -67,18 +74,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 25,
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: Timing.from_samples(s) for name, s in samples.items()}
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
     """Memory bandwidth in bytes/s from copying a large float32 array into another one (torch).
 
     A copy reads ``nbytes`` and writes ``nbytes``: counted as ``2 * nbytes`` moved (write-allocate
     traffic is not counted, the same convention as ``bn_bytes_moved``). Pick ``nbytes`` well above the
     last-level cache to measure main memory; with a small one this measures the cache instead.
+    ``clock`` as in :func:`time_median`.
     """
     import torch
 
@@ -86,7 +95,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
         raise ValueError(f"nbytes must be at least 4, got {nbytes}")
     src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
-    t = time_median(lambda: dst.copy_(src), repeats=repeats, warmup=2)
+    t = time_median(lambda: dst.copy_(src), repeats=repeats, warmup=2, clock=clock)
     return 2 * src.numel() * 4 / t.median
 
 

@@ -68,3 +68,19 @@ def test_format_table():
     assert len({len(line) for line in lines[1:]}) == 1  # numbers right-aligned to one width
     with pytest.raises(ValueError, match="every row must have 3 cells"):
         bench.format_table([["x"]], ["a", "b", "c"])
+
+
+def test_clock_is_used_for_every_sample():
+    ticks = iter(range(100))
+    clock = lambda: float(next(ticks))  # each call advances one unit: every sample is 1.0
+    t = bench.time_median(lambda: None, repeats=4, warmup=1, clock=clock)
+    assert t.n == 4 and t.min == t.median == 1.0
+    timings = bench.time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=3, warmup=0,
+                                     clock=clock)
+    assert all(v.median == 1.0 and v.n == 3 for v in timings.values())
+
+
+def test_thread_time_excludes_sleeping():
+    import time
+    t = bench.time_median(lambda: time.sleep(0.02), repeats=2, warmup=0, clock=time.thread_time)
+    assert t.median < 0.01
