@@ -413,8 +413,8 @@ class _StackedOptimizer:
     rate per parameter that is a number or one rate per member (M,). Adam and SGD act element by
     element, so this is M independent optimizers. With a number the arithmetic is bnutils.optim's."""
 
-    def __init__(self, kind: str, momentum: float, weight_decay: float):
-        self.kind, self.momentum, self.weight_decay = kind, momentum, weight_decay
+    def __init__(self, kind: str, momentum: float, weight_decay: float, eps: float = 1e-8):
+        self.kind, self.momentum, self.weight_decay, self.eps = kind, momentum, weight_decay, eps
         self.state: dict[str, dict[str, Tensor]] = {}
         self.t = 0
 
@@ -448,7 +448,7 @@ class _StackedOptimizer:
                 else:
                     p.add_(grad, alpha=-lr)
                 continue
-            beta1, beta2, eps = 0.9, 0.999, 1e-8
+            beta1, beta2, eps = 0.9, 0.999, self.eps
             if not st:
                 st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
             st["m"].lerp_(grad, 1 - beta1)
@@ -579,7 +579,7 @@ def _accuracies(out: Tensor, y: Tensor, loss) -> np.ndarray:
 
 def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, epochs: int | None = None,
                   batch_size: int = 60, optimizer: str = "sgd", momentum: float = 0.0,
-                  weight_decay: float = 0.0,
+                  weight_decay: float = 0.0, adam_eps: float = 1e-8,
                   shuffle=0, loss: str | Callable = "cross_entropy", eval_every: int | None = 100,
                   eval_train: bool = True, max_loss: float | None = None,
                   callback: Callable | None = None, callback_every: int = 1) -> StackedHistory:
@@ -589,6 +589,7 @@ def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, 
     ``batch_size`` (the incomplete last batch of an epoch is dropped), ``optimizer`` ("sgd" with
     ``momentum``, or "adam"), ``weight_decay``, ``loss`` ("cross_entropy", "mse", "bce" or a
     callable), ``eval_every``, ``eval_train``, ``max_loss``: as in :func:`bnutils.train`.
+    ``adam_eps``: Adam's epsilon (torch's default 1e-8), added to the root of the second moment.
     ``lr``: a number, M numbers (one per member), or a function ``(step, name) -> number or (M,)
     rates`` of the update index and the parameter name (``"fc1.weight"``, ``"norm2.bias"``,
     ``"out.weight"``...), for schedules and per-layer rates.
@@ -618,6 +619,8 @@ def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, 
         raise ValueError("momentum applies to optimizer='sgd'; Adam's betas are fixed at (0.9, 0.999)")
     if momentum < 0 or weight_decay < 0:
         raise ValueError(f"momentum and weight_decay must be >= 0, got {momentum}, {weight_decay}")
+    if not (isinstance(adam_eps, (int, float)) and math.isfinite(adam_eps) and adam_eps >= 0):
+        raise ValueError(f"adam_eps must be a finite number >= 0, got {adam_eps!r}")
     X_tr, y_tr, X_te, y_te = _as_tensors(data, loss)  # checks, and the labels' dtype
     dtype = model.out.weight.dtype  # inputs in the model's dtype, without a detour through float32
 
@@ -640,7 +643,7 @@ def train_stacked(model: StackedMLP, data, *, lr=0.1, steps: int | None = None, 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     rate, order_of, loss_fn = _rate_function(lr, m), _epoch_orders(shuffle, m, n), _member_loss(loss)
-    opt = _StackedOptimizer(optimizer, momentum, weight_decay)
+    opt = _StackedOptimizer(optimizer, momentum, weight_decay, adam_eps)
     eval_every = eval_every or max(steps, 1)
 
     keys = ("test_acc", "test_loss", "train_acc", "train_eval_loss")

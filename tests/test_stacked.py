@@ -274,6 +274,33 @@ def test_mse_loss_full_batch_and_callbacks():
         assert_member_equals(model, k, net, skip=noise)
 
 
+@pytest.mark.parametrize("eps", [1e-20, 1e-3])
+def test_adam_eps_is_adams_epsilon(eps):
+    data = toy_data()
+    X, y = (torch.as_tensor(a) for a in data[:2])
+    nets = nets_for("bn", [0, 1])
+    model = StackedMLP.from_nets(copy.deepcopy(nets))
+    history = train_stacked(model, data, lr=0.01, steps=5, batch_size=16, optimizer="adam",
+                            adam_eps=eps, shuffle=None, eval_every=None)
+    for k, net in enumerate(nets):
+        opt = Adam(net.parameters(), lr=0.01, eps=eps)
+        for s in range(5):
+            xb, yb = X[s * 16 % 48:][:16].to(torch.float64), y[s * 16 % 48:][:16]
+            opt.zero_grad()
+            loss = F.cross_entropy(net(xb), yb)
+            assert abs(loss.item() - history.train_loss[s, k]) < 1e-9
+            loss.backward()
+            opt.step()
+        noise = {"fc1.bias", "fc2.bias", "norm1.running_mean", "norm2.running_mean"}  # Adam before BN
+        assert_member_equals(model, k, net, skip=noise)
+
+
+def test_adam_eps_is_checked():
+    model = StackedMLP(2, 6, 4, 3, 1, seed=0)
+    with pytest.raises(ValueError, match="adam_eps"):
+        train_stacked(model, toy_data(), steps=1, optimizer="adam", adam_eps=-1.0)
+
+
 def test_capture_gives_each_activations_input_and_output():
     nets = nets_for("bn", [0, 1], norm_position="after")
     model = StackedMLP.from_nets(nets)
