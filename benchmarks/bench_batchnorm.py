@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 import torch
@@ -35,24 +34,6 @@ def fmt_ms(t: bench.Timing) -> str:
 
 def fmt_iqr(t: bench.Timing) -> str:
     return f"{t.q1 * 1e3:.1f}-{t.q3 * 1e3:.1f}"
-
-
-def time_rounds(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of every fn, called round-robin (one call of each per round): {name: samples}.
-
-    Like ``bench.time_interleaved``, but keeps the samples, so that a variant can be compared with
-    its baseline round by round (``paired_ratio``).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def paired_ratio(samples: list[float], base: list[float]) -> float:
@@ -113,7 +94,7 @@ def numpy_variants(shape):
 def main_table(shape, bandwidth, repeats, compile_):
     tv, checks = torch_variants(shape, compile_)
     nv, np_err = numpy_variants(shape)
-    samples = time_rounds({**nv, **tv}, repeats=repeats, warmup=3)
+    samples = bench.time_rounds({**nv, **tv}, repeats=repeats, warmup=3)
     timings = {name: bench.Timing.from_samples(s) for name, s in samples.items()}
     nbytes = {"backward": bench.bn_bytes_moved(shape, 4, "backward"),
               "forward+backward": bench.bn_bytes_moved(shape, 4, "forward+backward")}

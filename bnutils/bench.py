@@ -67,6 +67,17 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 25,
     all variants see the same conditions. Returns {name: Timing} in the order given. ``clock`` as
     in :func:`time_median` (``time.thread_time`` for CPU time of single-threaded work).
     """
+    samples = time_rounds(fns, repeats, warmup, clock)
+    return {name: Timing.from_samples(s) for name, s in samples.items()}
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int = 25, warmup: int = 3,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """The raw samples behind :func:`time_interleaved`: {name: seconds of each round's call}.
+
+    Keeping the rounds lets a variant be compared with its baseline round by round (a paired
+    ratio), which cancels load drift better than a ratio of medians.
+    """
     _check_counts(repeats, warmup)
     for _ in range(warmup):
         for fn in fns.values():
@@ -77,7 +88,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 25,
             start = clock()
             fn()
             samples[name].append(clock() - start)
-    return {name: Timing.from_samples(s) for name, s in samples.items()}
+    return samples
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10,

@@ -58,6 +58,15 @@ def test_time_interleaved_calls_every_variant_round_robin():
         bench.time_median(lambda: None, repeats=0)
 
 
+def test_time_rounds_keeps_one_sample_per_round_from_the_clock():
+    ticks = iter(range(100))
+    samples = bench.time_rounds({"a": lambda: None, "b": lambda: None}, repeats=3, warmup=2,
+                                clock=lambda: float(next(ticks)))
+    assert samples == {"a": [1.0] * 3, "b": [1.0] * 3}  # each call spans one clock tick
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        bench.time_rounds({"a": lambda: None}, repeats=0)
+
+
 def test_format_table():
     text = bench.format_table([["numpy staged", "12.50", "2.1x"], ["torch", "3.00", "1.0x"]],
                               ["variant", "ms", "ratio"])
@@ -72,7 +81,10 @@ def test_format_table():
 
 def test_clock_is_used_for_every_sample():
     ticks = iter(range(100))
-    clock = lambda: float(next(ticks))  # each call advances one unit: every sample is 1.0
+
+    def clock():  # each call advances one unit: every sample is 1.0
+        return float(next(ticks))
+
     t = bench.time_median(lambda: None, repeats=4, warmup=1, clock=clock)
     assert t.n == 4 and t.min == t.median == 1.0
     timings = bench.time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=3, warmup=0,

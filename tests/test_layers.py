@@ -155,21 +155,26 @@ def test_matches_torch_float32(cfg):
     check_config(cfg, torch.float32)
 
 
+def function_inputs(shape, affine, seed, eps):
+    """float64 (x, gamma, beta) or (x,) that require grad, and f(*inputs) = BN's output."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    c = shape[1]
+    w = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+
+    def f(x, w=None, b=None):
+        return BatchNormFunction.apply(x, w, b, eps)[0]
+
+    return ((x, w, b) if affine else (x,)), f
+
+
 @pytest.mark.parametrize("cls, shape", [(bn.BatchNorm1d, (5, 3)), (bn.BatchNorm1d, (4, 3, 6)),
                                         (bn.BatchNorm2d, (3, 2, 4, 5))])
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradcheck_function(cls, shape, affine):
     """The manual backward against finite differences (float64), with and without gamma/beta."""
-    gen = torch.Generator().manual_seed(1)
-    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    c = shape[1]
-    w = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
-    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
-    inputs = (x, w, b) if affine else (x,)
-
-    def f(x, w=None, b=None):
-        return BatchNormFunction.apply(x, w, b, 1e-5)[0]
-
+    inputs, f = function_inputs(shape, affine, seed=1, eps=1e-5)
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -185,16 +190,7 @@ def test_function_returns_batch_statistics():
 @pytest.mark.parametrize("affine", [True, False])
 def test_gradgradcheck_function(shape, affine):
     """Double backward (create_graph=True) against finite differences of the backward (float64)."""
-    gen = torch.Generator().manual_seed(2)
-    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    c = shape[1]
-    w = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
-    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
-    inputs = (x, w, b) if affine else (x,)
-
-    def f(x, w=None, b=None):
-        return BatchNormFunction.apply(x, w, b, 1e-3)[0]
-
+    inputs, f = function_inputs(shape, affine, seed=2, eps=1e-3)
     assert torch.autograd.gradgradcheck(f, inputs, check_batched_grad=True)
 
 
