@@ -165,7 +165,7 @@ class StackedMLP(nn.Module):
         return len(self.widths)
 
     @property
-    def layers(self) -> list[_Linear]:
+    def layers(self) -> list[nn.Module]:
         """The weight layers in forward order, the output layer last."""
         return [getattr(self, f"fc{i}") for i in range(1, self.depth + 1)] + [self.out]
 
