@@ -39,6 +39,8 @@ _RUNNING = ("bn", "gbn", "brn")  # kinds that keep running statistics
 
 def _runs(values: Sequence) -> list[tuple[object, slice]]:
     """Consecutive runs of equal values: [(value, slice of members)], so each kind is computed once."""
+    if values.count(values[0]) == len(values):  # one kind (the usual case): no Python loop over M
+        return [(values[0], slice(0, len(values)))]
     runs, start = [], 0
     for k in range(1, len(values) + 1):
         if k == len(values) or values[k] != values[start]:

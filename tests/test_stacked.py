@@ -427,3 +427,55 @@ def test_bad_input_raises_clear_errors():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from(["none", "bn", "gn"]), min_size=1, max_size=12))
+def test_runs_are_the_consecutive_groups_of_equal_values(values):
+    import itertools
+
+    from bnutils.stacked import _runs
+
+    expected, start = [], 0
+    for value, group in itertools.groupby(values):
+        n = len(list(group))
+        expected.append((value, slice(start, start + n)))
+        start += n
+    assert _runs(values) == expected
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_deep_narrow_nets_with_a_rate_each_train_like_single_networks(norm, position):
+    """Chapter 10's setting: 1 -> 6 x 2 -> 1, full-batch Adam on MSE, one rate per network,
+    leaky ReLU; each member against its make_mlp network trained alone (torch BatchNorm1d)."""
+    x = torch.linspace(-1, 1, 16, dtype=torch.float64)[:, None]
+    target = x[:, 0].abs()
+    lrs = [1e-3, 1e-2, 1e-1]
+    model = StackedMLP(3, 1, 2, 1, 6, norm=norm, norm_position=position,
+                       activation="leaky_relu", seed=7).double()
+    nets = [bnutils.make_mlp(1, 2, 1, 6, norm=norm, norm_position=position,
+                             activation="leaky_relu").double() for _ in lrs]
+    for k, net in enumerate(nets):
+        net.load_state_dict(model.member_state(k))
+    history = train_stacked(model, (x, target), lr=np.array(lrs), steps=8, batch_size=16,
+                            optimizer="adam", loss="mse", shuffle=None, eval_every=None,
+                            eval_train=False)
+    for k, (net, lr) in enumerate(zip(nets, lrs, strict=True)):
+        opt = Adam(net.parameters(), lr=lr)
+        for s in range(8):
+            opt.zero_grad()
+            loss = F.mse_loss(net(x)[:, 0], target)
+            assert abs(loss.item() - history.train_loss[s, k]) < 1e-9
+            loss.backward()
+            opt.step()
+        # biases in front of BN get round-off gradients only; Adam turns them into steps
+        noise = ({f"fc{i}.bias" for i in range(1, 7)} | {f"norm{i}.running_mean" for i in range(1, 7)}
+                 if norm == "bn" and position == "before" else set())
+        assert_member_equals(model, k, net, skip=noise)
+        captured = []
+        model.members([k])(x, mode="batch", capture=captured)
+        for (pre, post), (pre_k, post_k) in zip(
+                captured, bnutils.capture_activations(net, x, train_mode=True), strict=True):
+            torch.testing.assert_close(pre[0], pre_k, **TIGHT)
+            torch.testing.assert_close(post[0], post_k, **TIGHT)
