@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bnutils as bn
-from bnutils.layers import BatchNormFunction
+from bnutils.layers import BatchNormFunction, _column_sum_compiled, _per_channel_sum
 
 KINDS = {  # name -> (bnutils class, torch class, number of spatial dims)
     "1d": (bn.BatchNorm1d, torch.nn.BatchNorm1d, 0),
@@ -293,6 +293,35 @@ def test_float32_large_mean_stays_accurate():
     # A one-pass E[x^2] - E[x]^2 in float32 would be useless here: it is dominated by rounding.
     one_pass = (x * x).mean(0) - x.mean(0) ** 2
     assert ((one_pass.double() - var64) / var64).abs().max() > 0.5
+
+
+@given(n=st.integers(1, 200), c=st.integers(1, 5), loc=st.sampled_from([0.0, 3.0, 1e5]),
+       layout=st.sampled_from(["contiguous", "transposed", "expanded"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_blocked_column_sum_matches_float64(n, c, loc, layout, seed):
+    """The two-level column sum that compiled (N, C) inputs take: every row counted once (blocks,
+    a remainder shorter than a block, batches too small to block), as accurate as float32 allows."""
+    gen = torch.Generator().manual_seed(seed)
+    t = loc + torch.randn(n, c, generator=gen)
+    if layout == "transposed":
+        t = t.t().contiguous().t()
+    elif layout == "expanded":  # stride 0 along dim 0, as the gradient of a sum arrives
+        t = t[:1].expand(n, c)
+    got = _column_sum_compiled(t)
+    ref = t.double().sum(0)
+    assert got.shape == (c,) and got.dtype == t.dtype
+    assert (got.double() - ref).abs().max() <= 1e-6 * t.double().abs().sum(0).max()
+    exact = _column_sum_compiled(t.double())  # float64: equal to the plain sum up to reordering
+    assert (exact - ref).abs().max() <= 1e-13 * t.double().abs().sum(0).max()
+
+
+def test_eager_per_channel_sum_is_the_plain_sum():
+    """Outside torch.compile the statistics are torch's own sum, bit for bit: the blocked sum must
+    not change eager results (the book's stored outputs depend on them)."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, dims in [((300, 7), (0,)), ((5, 3, 8), (0, 2)), ((4, 3, 5, 5), (0, 2, 3))]:
+        t = 3 + torch.randn(shape, generator=gen)
+        assert torch.equal(_per_channel_sum(t, dims), t.sum(dims))
 
 
 def test_cumulative_moving_average():
