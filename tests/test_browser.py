@@ -424,6 +424,25 @@ def test_page_fits_a_phone(phone, server, docname):
     assert not phone.problems, "\n".join(phone.problems)
 
 
+CLAIMS_VERDICTS = """() => [...document.querySelectorAll('div.tag_claims-table tbody tr')].map(tr => {
+    const cells = tr.querySelectorAll('td');
+    const box = cells[cells.length - 1].getBoundingClientRect();
+    const scroller = tr.closest('.pst-scrollable-table-container').getBoundingClientRect();
+    return {verdict: cells[cells.length - 1].textContent.trim(), left: box.left,
+            right: box.right, visibleRight: Math.min(window.innerWidth, scroller.right)};
+})"""
+
+
+def test_claims_table_verdicts_on_a_phone(phone, server):
+    """At 390 px every verdict of the claims table is on screen without scrolling the table."""
+    phone.open(f"{server}chapters/18_claims_vs_evidence.html")
+    rows = phone.page.evaluate(CLAIMS_VERDICTS)
+    assert len(rows) >= 30, f"claims table (cell tag claims-table) has {len(rows)} rows"
+    hidden = [r for r in rows if r["left"] < 0 or r["right"] > r["visibleRight"] + 1]
+    assert not hidden, f"{len(hidden)} verdicts off screen, e.g. {hidden[:2]}"
+    assert {r["verdict"] for r in rows} <= {"confirmed", "qualified", "contradicted", "not supported"}
+
+
 @pytest.mark.parametrize("docname", PAGES)
 def test_no_tex_source_is_left_untypeset(reader, server, docname):
     reader.open(f"{server}{docname}.html")
