@@ -100,6 +100,23 @@ def test_house_rules_in_code(path):
         assert "cuda" not in src.replace("# cuda", ""), "the book runs on CPU"
 
 
+COLLAPSED = {"hide-input", "remove-input", "hide-cell", "remove-cell"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_visible_code_fits_the_page(path):
+    """Issue 12: the code a reader sees unasked (cells not collapsed), blank lines included, is
+    at most 150 lines per chapter, 40 per cell and 88 characters per line; machinery is collapsed."""
+    visible = [c for c in code_cells(load(path))
+               if not COLLAPSED & set(c["metadata"].get("tags", []))]
+    lines = ["".join(c["source"]).splitlines() for c in visible]
+    assert sum(map(len, lines)) <= 150, f"{sum(map(len, lines))} visible code lines"
+    longest = max(lines, key=len, default=[])
+    assert len(longest) <= 40, f"a visible cell of {len(longest)} lines: {longest[:1]}"
+    wide = [line for cell in lines for line in cell if len(line) > 88]
+    assert not wide, f"{len(wide)} visible code lines over 88 characters: {wide[:1]}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_chapter_structure(path):
     """Learning goals, takeaways, >= 2 exercises with solutions, citations and glued prose."""
